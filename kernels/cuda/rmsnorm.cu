@@ -1,0 +1,91 @@
+// rmsnorm.cu: RMSNorm, plain and fused with the residual add.
+//
+//   plain:  out[t, :] = x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * weight
+//   fused:  residual[t, :] = round_T(x[t, :] + residual[t, :])      (in place)
+//           out[t, :]      = RMSNorm(residual[t, :]) * weight
+//
+// Shapes: x, residual, out [tokens, hidden]; weight [hidden]. Any hidden >= 1.
+// Rounding point (as HF transformers' Qwen2RMSNorm + residual): the sum is
+// rounded to the storage type T first and that rounded value is normalized,
+// so the residual stream the next layer reads is exactly what was normalized.
+// Unlike HF, which rounds the normalized value to T before multiplying by the
+// weight, we multiply in f32 and round once at the store.
+//
+// One block per row. Pass 1 accumulates the sum of squares in f32 (squares of
+// bf16 values near 6e4 would overflow f16, never f32); pass 2 re-reads the row
+// (from L1/L2) and writes the output. 16-byte vectors are used when every
+// row starts 16-byte aligned (hidden a multiple of 16/sizeof(T)); other
+// hidden sizes take the scalar path.
+
+template <typename T, bool kFused>
+__device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
+                            const T* __restrict__ x, const T* __restrict__ weight,
+                            float eps, int hidden) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    const i64 base = (i64)row * hidden;
+    const T* xr = x + base;
+    T* rr = kFused ? residual + base : nullptr;
+    T* orow = out + base;
+    constexpr int N = Vec16<T>::N;
+    const bool vec = (hidden % N == 0) && aligned16(x) && aligned16(out) && aligned16(weight) &&
+                     (!kFused || aligned16(residual));
+
+    float ss = 0.f;
+    if (vec) {
+        for (int i = threadIdx.x * N; i < hidden; i += blockDim.x * N) {
+            Vec16<T> a = load16(xr + i);
+            if (kFused) {
+                Vec16<T> r = load16(rr + i);
+#pragma unroll
+                for (int j = 0; j < N; ++j) a.v[j] = from_f32<T>(to_f32(a.v[j]) + to_f32(r.v[j]));
+                store16(rr + i, a);
+            }
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                float f = to_f32(a.v[j]);
+                ss += f * f;
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            T a = xr[i];
+            if (kFused) {
+                a = from_f32<T>(to_f32(a) + to_f32(rr[i]));
+                rr[i] = a;
+            }
+            float f = to_f32(a);
+            ss += f * f;
+        }
+    }
+    const float total = block_sum(ss, scratch);
+    const float rstd = rsqrtf(total / (float)hidden + eps);
+
+    // Pass 2 reads back exactly what this thread read or wrote in pass 1.
+    const T* src = kFused ? rr : xr;
+    if (vec) {
+        for (int i = threadIdx.x * N; i < hidden; i += blockDim.x * N) {
+            Vec16<T> a = load16(src + i);
+            Vec16<T> w = load16(weight + i);
+            Vec16<T> o;
+#pragma unroll
+            for (int j = 0; j < N; ++j) o.v[j] = from_f32<T>(to_f32(a.v[j]) * rstd * to_f32(w.v[j]));
+            store16(orow + i, o);
+        }
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            orow[i] = from_f32<T>(to_f32(src[i]) * rstd * to_f32(weight[i]));
+        }
+    }
+}
+
+#define WB_RMSNORM(T, S)                                                                        \
+    extern "C" __global__ void rmsnorm_##S(T* out, const T* x, const T* weight, float eps,     \
+                                           int hidden) {                                        \
+        rmsnorm_row<T, false>(out, nullptr, x, weight, eps, hidden);                            \
+    }                                                                                           \
+    extern "C" __global__ void fused_add_rmsnorm_##S(T* out, T* residual, const T* x,          \
+                                                     const T* weight, float eps, int hidden) { \
+        rmsnorm_row<T, true>(out, residual, x, weight, eps, hidden);                            \
+    }
+WB_FOR_EACH_DTYPE(WB_RMSNORM)

@@ -1,0 +1,52 @@
+// silu_mul.cu: the SwiGLU activation of Qwen2's MLP.
+//
+//   out[t, i] = silu(input[t, i]) * input[t, I + i],  silu(g) = g / (1 + exp(-g))
+//
+// Shapes: input [tokens, 2*I] laid out gate | up (the fused gate_up projection's
+// output); out [tokens, I]. f32 arithmetic, one rounding at the store (HF
+// rounds silu(gate) to T before the multiply; the difference is under one ulp).
+//
+// A grid-stride loop over tokens*I elements; 16-byte vectors when I is a
+// multiple of 16/sizeof(T) and the pointers are aligned.
+
+__device__ __forceinline__ float silu_f32(float g) {
+    // exp(-g) overflows to inf for g < -88: g / inf = -0, the right limit.
+    return g / (1.f + expf(-g));
+}
+
+template <typename T>
+__device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ input, i64 tokens,
+                              int inter) {
+    constexpr int N = Vec16<T>::N;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (inter % N == 0 && aligned16(out) && aligned16(input)) {
+        const int per_row = inter / N;
+        const i64 total = tokens * per_row;
+        for (i64 v = first; v < total; v += stride) {
+            const i64 t = v / per_row;
+            const int i = (int)(v - t * per_row) * N;
+            const T* row = input + t * 2 * inter;
+            Vec16<T> g = load16(row + i);
+            Vec16<T> u = load16(row + inter + i);
+            Vec16<T> o;
+#pragma unroll
+            for (int j = 0; j < N; ++j) o.v[j] = from_f32<T>(silu_f32(to_f32(g.v[j])) * to_f32(u.v[j]));
+            store16(out + t * inter + i, o);
+        }
+    } else {
+        const i64 total = tokens * inter;
+        for (i64 e = first; e < total; e += stride) {
+            const i64 t = e / inter;
+            const int i = (int)(e - t * inter);
+            const T* row = input + t * 2 * inter;
+            out[e] = from_f32<T>(silu_f32(to_f32(row[i])) * to_f32(row[inter + i]));
+        }
+    }
+}
+
+#define WB_SILU_MUL(T, S)                                                                    \
+    extern "C" __global__ void silu_mul_##S(T* out, const T* input, i64 tokens, int inter) { \
+        silu_mul_impl<T>(out, input, tokens, inter);                                         \
+    }
+WB_FOR_EACH_DTYPE(WB_SILU_MUL)

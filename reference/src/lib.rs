@@ -1,0 +1,29 @@
+//! Naive CPU references for the workbench's LLM inference kernels.
+//!
+//! Every op here is written to be obviously correct rather than fast: plain
+//! loops over `ndarray` arrays, all arithmetic in `f64`, no CUDA. The GPU
+//! kernels are checked against these functions with dtype-appropriate
+//! tolerances.
+//!
+//! Every public function validates its arguments up front and returns
+//! [`ShapeError`] (naming the op and the argument) instead of panicking.
+//!
+//! | module | op |
+//! |---|---|
+//! | [`rmsnorm`] | RMSNorm and fused residual-add + RMSNorm |
+//! | [`silu_mul`] | SwiGLU activation: `silu(gate) * up` |
+//! | [`rope`] | NeoX-style rotary position embedding |
+//! | [`kv_store`] | scatter of new K/V into a paged cache |
+//! | [`paged_attention`] | decode attention over a paged KV cache |
+
+pub mod error;
+pub mod kv_store;
+pub mod paged_attention;
+pub mod rmsnorm;
+pub mod rope;
+pub mod silu_mul;
+
+pub use error::ShapeError;
+
+#[cfg(test)]
+mod testutil;
