@@ -1,1 +1,15 @@
+//! The workbench: every kernel's check cases, perf cases, tolerances and
+//! traffic model ([`op::Op`]), the registry that lists them, and the
+//! machinery that proves them against the CPU references (poisoned outputs,
+//! guard words, exact comparison rules) and reports the results.
 
+pub mod case;
+pub mod check;
+pub mod compare;
+pub mod gen;
+pub mod guard;
+pub mod op;
+pub mod ops;
+pub mod registry;
+pub mod report;
+pub mod shapes;

@@ -18,7 +18,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("silu_mul", include_str!("../cuda/silu_mul.cu")),
     ("rope", include_str!("../cuda/rope.cu")),
     ("kv_store", include_str!("../cuda/kv_store.cu")),
-    ("paged_attention", include_str!("../cuda/paged_attention.cu")),
+    (
+        "paged_attention",
+        include_str!("../cuda/paged_attention.cu"),
+    ),
 ];
 
 /// The full text NVRTC sees for `stem`: the shared header, then the source.
@@ -118,6 +121,9 @@ mod tests {
             assert!(full.starts_with("// common.cuh"));
             assert!(full.contains(&format!("#line 1 \"{stem}.cu\"")));
         }
-        assert!(matches!(full_source("nope"), Err(KernelError::UnknownSource(_))));
+        assert!(matches!(
+            full_source("nope"),
+            Err(KernelError::UnknownSource(_))
+        ));
     }
 }

@@ -91,19 +91,26 @@ impl Gpu {
         // SAFETY: no buffers exist yet, and everything runs on `stream`.
         unsafe { ctx.disable_event_tracking() };
         // Graph capture fails on the legacy default stream: use a new one.
-        let stream = ctx.new_stream().map_err(KernelError::driver("cuStreamCreate"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(KernelError::driver("cuStreamCreate"))?;
 
         let cc = ctx
             .compute_capability()
             .map_err(KernelError::driver("compute capability"))?;
-        let attr = |a| ctx.attribute(a).map_err(KernelError::driver("cuDeviceGetAttribute"));
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(KernelError::driver("cuDeviceGetAttribute"))
+        };
         let info = DeviceInfo {
             name: ctx.name().map_err(KernelError::driver("cuDeviceGetName"))?,
             compute_capability: cc,
             arch: compile::arch_for(cc.0, cc.1),
             sm_count: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
             l2_bytes: attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
-            total_mem_bytes: ctx.total_mem().map_err(KernelError::driver("cuDeviceTotalMem"))?,
+            total_mem_bytes: ctx
+                .total_mem()
+                .map_err(KernelError::driver("cuDeviceTotalMem"))?,
             driver_version: driver_version()?,
         };
         Ok(Gpu {
@@ -179,7 +186,9 @@ impl Gpu {
         let f = self
             .module(stem)?
             .load_function(symbol)
-            .map_err(KernelError::driver(format!("cuModuleGetFunction({symbol})")))?;
+            .map_err(KernelError::driver(format!(
+                "cuModuleGetFunction({symbol})"
+            )))?;
         self.functions
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -34,7 +34,9 @@ pub enum KernelError {
         log: String,
     },
 
-    #[error("no kernel source named `{0}` (known: rmsnorm, silu_mul, rope, kv_store, paged_attention)")]
+    #[error(
+        "no kernel source named `{0}` (known: rmsnorm, silu_mul, rope, kv_store, paged_attention)"
+    )]
     UnknownSource(String),
 
     /// A launcher argument has the wrong length or an impossible dimension.
@@ -73,7 +75,12 @@ impl KernelError {
 }
 
 /// Check that a device buffer holds exactly `expected` elements.
-pub(crate) fn check_len(op: &'static str, arg: &'static str, actual: usize, expected: usize) -> Result<()> {
+pub(crate) fn check_len(
+    op: &'static str,
+    arg: &'static str,
+    actual: usize,
+    expected: usize,
+) -> Result<()> {
     if actual == expected {
         Ok(())
     } else {

@@ -37,8 +37,18 @@ pub fn kv_store<T: Storage>(
     check_len(OP, "v [tokens, kv_heads, head_dim]", v.len(), rows)?;
     check_len(OP, "slot_mapping [tokens]", slot_mapping.len(), d.tokens)?;
     let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
-    check_len(OP, "k_cache [num_blocks, block_size, kv_heads, head_dim]", k_cache.len(), cache)?;
-    check_len(OP, "v_cache [num_blocks, block_size, kv_heads, head_dim]", v_cache.len(), cache)?;
+    check_len(
+        OP,
+        "k_cache [num_blocks, block_size, kv_heads, head_dim]",
+        k_cache.len(),
+        cache,
+    )?;
+    check_len(
+        OP,
+        "v_cache [num_blocks, block_size, kv_heads, head_dim]",
+        v_cache.len(),
+        cache,
+    )?;
     if d.tokens == 0 {
         return Ok(());
     }

@@ -6,7 +6,11 @@ use crate::error::Result;
 use cudarc::driver::{CudaFunction, LaunchConfig};
 
 /// The kernel symbol for storage type `T`: `base_bf16`, `base_f16`, `base_f32`.
-pub(crate) fn typed_function<T: Storage>(gpu: &Gpu, stem: &'static str, base: &str) -> Result<CudaFunction> {
+pub(crate) fn typed_function<T: Storage>(
+    gpu: &Gpu,
+    stem: &'static str,
+    base: &str,
+) -> Result<CudaFunction> {
     gpu.function(stem, &format!("{base}_{}", T::DTYPE.suffix()))
 }
 

@@ -26,7 +26,10 @@ impl PagedAttentionDims {
         if self.q_heads % self.kv_heads.max(1) != 0 {
             return Err(KernelError::Unsupported {
                 op: OP,
-                what: format!("q_heads {} not a multiple of kv_heads {}", self.q_heads, self.kv_heads),
+                what: format!(
+                    "q_heads {} not a multiple of kv_heads {}",
+                    self.q_heads, self.kv_heads
+                ),
             });
         }
         if self.head_dim > 256 {
@@ -65,9 +68,24 @@ pub fn paged_attention<T: Storage>(
     check_len(OP, "q [batch, q_heads, head_dim]", q.len(), qlen)?;
     check_len(OP, "out [batch, q_heads, head_dim]", out.len(), qlen)?;
     let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
-    check_len(OP, "k_cache [num_blocks, block_size, kv_heads, head_dim]", k_cache.len(), cache)?;
-    check_len(OP, "v_cache [num_blocks, block_size, kv_heads, head_dim]", v_cache.len(), cache)?;
-    check_len(OP, "block_tables [batch, max_blocks_per_seq]", block_tables.len(), d.batch * d.max_blocks_per_seq)?;
+    check_len(
+        OP,
+        "k_cache [num_blocks, block_size, kv_heads, head_dim]",
+        k_cache.len(),
+        cache,
+    )?;
+    check_len(
+        OP,
+        "v_cache [num_blocks, block_size, kv_heads, head_dim]",
+        v_cache.len(),
+        cache,
+    )?;
+    check_len(
+        OP,
+        "block_tables [batch, max_blocks_per_seq]",
+        block_tables.len(),
+        d.batch * d.max_blocks_per_seq,
+    )?;
     check_len(OP, "context_lens [batch]", context_lens.len(), d.batch)?;
     if d.batch == 0 {
         return Ok(());
@@ -93,7 +111,10 @@ pub fn paged_attention<T: Storage>(
             .arg(&block_size)
             .arg(&mbps)
             .arg(&num_blocks)
-            .launch(cfg((q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1), 128))
+            .launch(cfg(
+                (q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1),
+                128,
+            ))
     }
     .map_err(KernelError::driver("launch paged_attention"))?;
     Ok(())

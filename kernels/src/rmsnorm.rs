@@ -38,7 +38,10 @@ pub fn rmsnorm<T: Storage>(
     }
     let f = typed_function::<T>(gpu, "rmsnorm", "rmsnorm")?;
     let vec = 16 / std::mem::size_of::<T>();
-    let c = cfg((grid_u32(OP, "tokens", d.tokens)?, 1, 1), threads_for(d.hidden.div_ceil(vec), 1024));
+    let c = cfg(
+        (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+        threads_for(d.hidden.div_ceil(vec), 1024),
+    );
     let eps = d.eps;
     // SAFETY: out and x hold tokens*hidden elements and weight hidden (checked
     // above); the kernel's grid is one block per row, so it touches no more.
@@ -67,13 +70,21 @@ pub fn fused_add_rmsnorm<T: Storage>(
     d: RmsNormDims,
 ) -> Result<()> {
     let hidden = check(&d, out.len(), x.len(), weight.len())?;
-    check_len(OP, "residual [tokens, hidden]", residual.len(), d.tokens * d.hidden)?;
+    check_len(
+        OP,
+        "residual [tokens, hidden]",
+        residual.len(),
+        d.tokens * d.hidden,
+    )?;
     if d.tokens == 0 {
         return Ok(());
     }
     let f = typed_function::<T>(gpu, "rmsnorm", "fused_add_rmsnorm")?;
     let vec = 16 / std::mem::size_of::<T>();
-    let c = cfg((grid_u32(OP, "tokens", d.tokens)?, 1, 1), threads_for(d.hidden.div_ceil(vec), 1024));
+    let c = cfg(
+        (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+        threads_for(d.hidden.div_ceil(vec), 1024),
+    );
     let eps = d.eps;
     // SAFETY: out, residual and x hold tokens*hidden elements and weight hidden
     // (checked above); one block per row.

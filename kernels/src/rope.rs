@@ -75,13 +75,28 @@ pub fn rope<T: Storage>(
     d: RopeDims,
 ) -> Result<()> {
     if table.head_dim != d.head_dim {
-        return Err(KernelError::shape(OP, "table head_dim", d.head_dim, table.head_dim));
+        return Err(KernelError::shape(
+            OP,
+            "table head_dim",
+            d.head_dim,
+            table.head_dim,
+        ));
     }
     let q_heads = dim_i32(OP, "q_heads", d.q_heads)?;
     let kv_heads = dim_i32(OP, "kv_heads", d.kv_heads)?;
     let head_dim = dim_i32(OP, "head_dim", d.head_dim)?;
-    check_len(OP, "q [tokens, q_heads, head_dim]", q.len(), d.tokens * d.q_heads * d.head_dim)?;
-    check_len(OP, "k [tokens, kv_heads, head_dim]", k.len(), d.tokens * d.kv_heads * d.head_dim)?;
+    check_len(
+        OP,
+        "q [tokens, q_heads, head_dim]",
+        q.len(),
+        d.tokens * d.q_heads * d.head_dim,
+    )?;
+    check_len(
+        OP,
+        "k [tokens, kv_heads, head_dim]",
+        k.len(),
+        d.tokens * d.kv_heads * d.head_dim,
+    )?;
     check_len(OP, "positions [tokens]", positions.len(), d.tokens)?;
     if d.tokens == 0 {
         return Ok(());
@@ -102,7 +117,10 @@ pub fn rope<T: Storage>(
             .arg(&q_heads)
             .arg(&kv_heads)
             .arg(&head_dim)
-            .launch(cfg((grid_u32(OP, "tokens", d.tokens)?, 1, 1), threads_for(pairs, 512)))
+            .launch(cfg(
+                (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+                threads_for(pairs, 512),
+            ))
     }
     .map_err(KernelError::driver("launch rope"))?;
     Ok(())

@@ -17,7 +17,12 @@ pub fn silu_mul<T: Storage>(
     inter: usize,
 ) -> Result<()> {
     let inter_i = dim_i32(OP, "inter", inter)?;
-    check_len(OP, "input [tokens, 2*inter]", input.len(), tokens * 2 * inter)?;
+    check_len(
+        OP,
+        "input [tokens, 2*inter]",
+        input.len(),
+        tokens * 2 * inter,
+    )?;
     check_len(OP, "out [tokens, inter]", out.len(), tokens * inter)?;
     if tokens == 0 {
         return Ok(());
@@ -26,7 +31,9 @@ pub fn silu_mul<T: Storage>(
     let vec = 16 / std::mem::size_of::<T>();
     let work = (tokens * inter).div_ceil(vec);
     // Grid-stride loop: enough blocks to fill the card several times over.
-    let blocks = work.div_ceil(256).clamp(1, gpu.info().sm_count.max(1) as usize * 32) as u32;
+    let blocks = work
+        .div_ceil(256)
+        .clamp(1, gpu.info().sm_count.max(1) as usize * 32) as u32;
     let tokens_i = tokens as i64;
     // SAFETY: input holds tokens*2*inter and out tokens*inter elements (checked);
     // the kernel's grid-stride loop stops at tokens*inter outputs.

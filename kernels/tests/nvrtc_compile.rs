@@ -33,10 +33,14 @@ fn every_kernel_compiles_for_sm90a_and_sm80() {
 fn a_compile_error_names_the_kernel_and_shows_the_log() {
     setup();
     // A source that is not in the registry is refused by name...
-    let err = compile("no_such_kernel", "sm_90a", &[]).unwrap_err().to_string();
+    let err = compile("no_such_kernel", "sm_90a", &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no_such_kernel"), "{err}");
     // ...and NVRTC's log comes through for a bad option.
-    let err = compile("rmsnorm", "sm_90a", &["--no-such-flag"]).unwrap_err().to_string();
+    let err = compile("rmsnorm", "sm_90a", &["--no-such-flag"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("rmsnorm"), "{err}");
     assert!(err.contains("no-such-flag"), "{err}");
 }

@@ -1,0 +1,294 @@
+//! Comparing a kernel's output with its f64 reference.
+//!
+//! Element test: `|got - ref| <= atol + rtol * |ref|`, and NaN/Inf must sit
+//! exactly where the reference has them (a NaN never passes as a number).
+//! Whole-tensor test: ‖got − ref‖₂ / ‖ref‖₂ <= `rel_l2`. Reported per case:
+//! max abs error, max rel error (over elements with |ref| >= atol; smaller
+//! ones are judged by atol), ‖Δ‖/‖ref‖, the count of unexpected NaNs, the
+//! share of the tolerance used (1.0 = at the limit), and the first mismatches
+//! with their indices.
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+    pub rel_l2: f64,
+}
+
+impl Tolerance {
+    /// Bit-exact (copies such as kv_store).
+    pub const EXACT: Tolerance = Tolerance {
+        atol: 0.0,
+        rtol: 0.0,
+        rel_l2: 0.0,
+    };
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Mismatch {
+    pub tensor: String,
+    /// Multi-index into the tensor's shape.
+    pub index: Vec<usize>,
+    pub got: f64,
+    pub want: f64,
+}
+
+/// How many mismatches to keep for the report.
+const KEEP: usize = 5;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Metrics {
+    pub elements: usize,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub rel_l2: f64,
+    /// NaNs in the output where the reference has a number.
+    pub nan: usize,
+    pub mismatches: usize,
+    pub tol_used: f64,
+    pub first_mismatches: Vec<Mismatch>,
+    /// Guard words overwritten, inputs modified, and the like.
+    pub violations: Vec<String>,
+    #[serde(skip)]
+    sq_err: f64,
+    #[serde(skip)]
+    sq_ref: f64,
+    #[serde(skip)]
+    rel_l2_limit: f64,
+}
+
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (d, &n) in shape.iter().enumerate().rev() {
+        if n > 0 {
+            idx[d] = i % n;
+            i /= n;
+        }
+    }
+    idx
+}
+
+impl Metrics {
+    /// Compare `got` with `want`, both laid out row-major in `shape`.
+    pub fn compare(
+        tensor: &str,
+        shape: &[usize],
+        got: &[f64],
+        want: &[f64],
+        tol: Tolerance,
+    ) -> Metrics {
+        let mut m = Metrics {
+            rel_l2_limit: tol.rel_l2,
+            ..Default::default()
+        };
+        if got.len() != want.len() || shape.iter().product::<usize>() != want.len() {
+            m.violations.push(format!(
+                "{tensor}: got {} elements, reference {} (shape {shape:?})",
+                got.len(),
+                want.len()
+            ));
+            return m;
+        }
+        m.elements = got.len();
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let bad = if w.is_nan() {
+                !g.is_nan()
+            } else if w.is_infinite() {
+                g != w
+            } else if !g.is_finite() {
+                if g.is_nan() {
+                    m.nan += 1;
+                }
+                true
+            } else {
+                let d = (g - w).abs();
+                let allowed = tol.atol + tol.rtol * w.abs();
+                m.max_abs = m.max_abs.max(d);
+                if w.abs() >= tol.atol && w != 0.0 {
+                    m.max_rel = m.max_rel.max(d / w.abs());
+                }
+                let used = if allowed > 0.0 {
+                    d / allowed
+                } else if d > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                };
+                m.tol_used = m.tol_used.max(used);
+                m.sq_err += d * d;
+                m.sq_ref += w * w;
+                d > allowed
+            };
+            if bad {
+                if !w.is_finite() || !g.is_finite() {
+                    m.tol_used = f64::INFINITY;
+                }
+                m.mismatches += 1;
+                if m.first_mismatches.len() < KEEP {
+                    m.first_mismatches.push(Mismatch {
+                        tensor: tensor.into(),
+                        index: unravel(i, shape),
+                        got: g,
+                        want: w,
+                    });
+                }
+            }
+        }
+        m.finish_l2();
+        m
+    }
+
+    fn finish_l2(&mut self) {
+        self.rel_l2 = if self.sq_ref > 0.0 {
+            (self.sq_err / self.sq_ref).sqrt()
+        } else {
+            self.sq_err.sqrt()
+        };
+    }
+
+    /// Fold another tensor's comparison into this case's totals.
+    pub fn merge(mut self, o: Metrics) -> Metrics {
+        self.elements += o.elements;
+        self.max_abs = self.max_abs.max(o.max_abs);
+        self.max_rel = self.max_rel.max(o.max_rel);
+        self.nan += o.nan;
+        self.mismatches += o.mismatches;
+        self.tol_used = self.tol_used.max(o.tol_used);
+        let room = KEEP.saturating_sub(self.first_mismatches.len());
+        self.first_mismatches
+            .extend(o.first_mismatches.into_iter().take(room));
+        self.violations.extend(o.violations);
+        self.sq_err += o.sq_err;
+        self.sq_ref += o.sq_ref;
+        self.rel_l2_limit = self.rel_l2_limit.max(o.rel_l2_limit);
+        self.finish_l2();
+        self
+    }
+
+    pub fn violation(&mut self, v: impl Into<String>) {
+        self.violations.push(v.into());
+    }
+
+    /// Every element within tolerance, ‖Δ‖/‖ref‖ within its limit, and no
+    /// guard or input violation. An empty comparison never passes.
+    pub fn pass(&self) -> bool {
+        self.elements > 0
+            && self.mismatches == 0
+            && self.violations.is_empty()
+            && self.rel_l2 <= self.rel_l2_limit
+    }
+
+    /// One line on why the case failed, for the terminal.
+    pub fn failure_summary(&self) -> String {
+        let mut parts = Vec::new();
+        if self.elements == 0 {
+            parts.push("nothing compared".to_string());
+        }
+        if self.mismatches > 0 {
+            parts.push(format!(
+                "{} of {} elements out of tolerance",
+                self.mismatches, self.elements
+            ));
+        }
+        if self.nan > 0 {
+            parts.push(format!("{} unexpected NaN", self.nan));
+        }
+        if self.rel_l2 > self.rel_l2_limit {
+            parts.push(format!(
+                "rel_l2 {:.3e} > {:.1e}",
+                self.rel_l2, self.rel_l2_limit
+            ));
+        }
+        parts.extend(self.violations.iter().cloned());
+        for mm in &self.first_mismatches {
+            parts.push(format!(
+                "{}{:?}: got {} want {}",
+                mm.tensor, mm.index, mm.got, mm.want
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOL: Tolerance = Tolerance {
+        atol: 1e-2,
+        rtol: 1e-2,
+        rel_l2: 1e-2,
+    };
+
+    #[test]
+    fn equal_passes_and_reports_zero() {
+        let w = [1.0, -2.0, 3.5, 0.0];
+        let m = Metrics::compare("out", &[2, 2], &w, &w, TOL);
+        assert!(m.pass());
+        assert_eq!((m.max_abs, m.rel_l2, m.tol_used, m.nan), (0.0, 0.0, 0.0, 0));
+    }
+
+    #[test]
+    fn a_nan_left_by_a_skipped_row_fails_with_its_index() {
+        let want = [1.0, 2.0, 3.0, 4.0];
+        let got = [1.0, 2.0, f64::NAN, f64::NAN];
+        let m = Metrics::compare("out", &[2, 2], &got, &want, TOL);
+        assert!(!m.pass());
+        assert_eq!(m.nan, 2);
+        assert_eq!(m.first_mismatches[0].index, vec![1, 0]);
+    }
+
+    #[test]
+    fn nan_where_reference_has_nan_passes_number_there_fails() {
+        let want = [f64::NAN, 1.0];
+        assert!(Metrics::compare("c", &[2], &[f64::NAN, 1.0], &want, TOL).pass());
+        assert!(!Metrics::compare("c", &[2], &[0.0, 1.0], &want, TOL).pass());
+    }
+
+    #[test]
+    fn tolerance_share_and_relative_error() {
+        // allowed = 0.01 + 0.01 * 2 = 0.03; error 0.015 uses half of it.
+        let m = Metrics::compare("o", &[1], &[2.015], &[2.0], TOL);
+        assert!((m.tol_used - 0.5).abs() < 1e-9);
+        assert!((m.max_rel - 0.0075).abs() < 1e-9);
+        assert!(m.pass());
+        let m = Metrics::compare("o", &[1], &[2.04], &[2.0], TOL);
+        assert!(!m.pass());
+    }
+
+    #[test]
+    fn rel_l2_limit_fails_a_uniformly_biased_output() {
+        // Every element inside its elementwise tolerance, but all biased the same way.
+        let want = vec![1.0; 100];
+        let got = vec![1.015; 100];
+        let tol = Tolerance {
+            rel_l2: 1e-2,
+            ..TOL
+        };
+        let m = Metrics::compare("o", &[100], &got, &want, tol);
+        assert_eq!(m.mismatches, 0);
+        assert!(!m.pass(), "rel_l2 = {}", m.rel_l2);
+    }
+
+    #[test]
+    fn exact_tolerance_and_merge() {
+        let a = Metrics::compare("k", &[2], &[1.0, 2.0], &[1.0, 2.0], Tolerance::EXACT);
+        let b = Metrics::compare("v", &[2], &[1.0, 2.0000001], &[1.0, 2.0], Tolerance::EXACT);
+        assert!(a.pass() && !b.pass());
+        let m = a.merge(b);
+        assert!(!m.pass());
+        assert_eq!(m.elements, 4);
+        assert_eq!(m.first_mismatches[0].tensor, "v");
+    }
+
+    #[test]
+    fn violations_and_empty_comparisons_fail() {
+        let mut m = Metrics::compare("o", &[1], &[1.0], &[1.0], TOL);
+        m.violation("guard after out overwritten");
+        assert!(!m.pass());
+        assert!(!Metrics::compare("o", &[0], &[], &[], TOL).pass());
+        assert!(!Metrics::compare("o", &[2], &[1.0], &[1.0, 2.0], TOL).pass());
+    }
+}

@@ -1,0 +1,361 @@
+//! `paged_attention`: decode attention, one query token per sequence, over a
+//! paged KV cache with GQA.
+//!
+//! Every check draws its block tables as random permutations of a pool
+//! `pool` times larger than needed (default 3), leaves stale but valid block
+//! ids in the unused table entries, and fills every cache slot that holds no
+//! live token with NaN: a kernel that reads past a context length, or a wrong
+//! block, turns NaN. With `ragged=1` the first sequence has `ctx` tokens and
+//! the others a random count in 1..=ctx.
+//!
+//! Case keys: batch, q_heads, kv_heads, head_dim, block_size, ctx, ragged
+//! (0/1), pool, gen, seed. Softmax scale 1/sqrt(head_dim).
+
+use crate::by_dtype;
+use crate::case::{Case, CaseError};
+use crate::compare::{Metrics, Tolerance};
+use crate::gen::{self, Gen};
+use crate::guard::Guarded;
+use crate::op::{
+    finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
+};
+use crate::shapes::{flat, view3, view4};
+use kernels::paged_attention::PagedAttentionDims;
+use kernels::{DType, Gpu};
+use ndarray::ArrayView2;
+use rand::rngs::SmallRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::Rng;
+
+pub struct PagedAttention;
+
+const VARIANTS: &[Variant] = &[Variant {
+    name: "v1",
+    note: "one block per (sequence, query head), 4 warps of online softmax, no split-KV",
+    production: true,
+}];
+
+/// `large`: q and k near ±4 (scores in the tens: a sharply peaked softmax),
+/// v near ±1e4.
+const LARGE_QK: f64 = 4.0;
+const LARGE_V: f64 = 1.0e4;
+
+#[derive(Clone, Copy)]
+struct Params {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    ctx: usize,
+    ragged: bool,
+    pool: usize,
+}
+
+impl Params {
+    fn max_blocks_per_seq(&self) -> usize {
+        self.ctx.div_ceil(self.block_size).max(1)
+    }
+    fn num_blocks(&self) -> usize {
+        self.batch * self.max_blocks_per_seq() * self.pool
+    }
+}
+
+fn params(case: &Case) -> Result<Params, CaseError> {
+    let p = Params {
+        batch: case.dim("batch")?,
+        q_heads: case.dim("q_heads")?,
+        kv_heads: case.dim("kv_heads")?,
+        head_dim: case.dim("head_dim")?,
+        block_size: case.dim("block_size")?,
+        ctx: case.parse("ctx", "a context length >= 0")?,
+        ragged: case.flag("ragged")?,
+        pool: case.parse_or("pool", 3usize, "a positive integer")?.max(1),
+    };
+    let bad = |key: &str, value: usize, want: &str| CaseError::Value {
+        case: case.to_string(),
+        key: key.into(),
+        value: value.to_string(),
+        want: want.into(),
+    };
+    if p.q_heads % p.kv_heads != 0 {
+        return Err(bad("q_heads", p.q_heads, "a multiple of kv_heads"));
+    }
+    if p.head_dim > 256 {
+        return Err(bad("head_dim", p.head_dim, "at most 256"));
+    }
+    Ok(p)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case(
+    batch: usize,
+    q: usize,
+    kv: usize,
+    d: usize,
+    bs: usize,
+    ctx: usize,
+    ragged: u8,
+    gen: Gen,
+) -> Case {
+    Case::new()
+        .with("batch", batch)
+        .with("q_heads", q)
+        .with("kv_heads", kv)
+        .with("head_dim", d)
+        .with("block_size", bs)
+        .with("ctx", ctx)
+        .with("ragged", ragged)
+        .with("gen", gen)
+        .with("seed", 5)
+}
+
+impl Op for PagedAttention {
+    fn name(&self) -> &'static str {
+        "paged_attention"
+    }
+    fn about(&self) -> &'static str {
+        "decode attention over a paged KV cache (one query per sequence, GQA)"
+    }
+    fn variants(&self) -> &'static [Variant] {
+        VARIANTS
+    }
+    fn keys(&self) -> &'static [&'static str] {
+        &[
+            "batch",
+            "q_heads",
+            "kv_heads",
+            "head_dim",
+            "block_size",
+            "ctx",
+            "ragged",
+            "pool",
+        ]
+    }
+    fn sabotages(&self) -> &'static [Sabotage] {
+        Sabotage::PAGED
+    }
+    fn validate(&self, case: &Case) -> Result<(), CaseError> {
+        params(case).map(|_| ())
+    }
+
+    fn check_cases(&self) -> Vec<Case> {
+        let mut v = Vec::new();
+        // Context lengths around block boundaries, for each block size.
+        for bs in [8, 16, 32] {
+            for ctx in [0, 1, bs - 1, bs, bs + 1, 5 * bs + 3] {
+                v.push(case(3, 14, 2, 64, bs, ctx, 0, Gen::Randn));
+            }
+        }
+        // GQA groups 1, 5, 6, 7, 8, 16.
+        for (q, kv) in [(4, 4), (10, 2), (12, 2), (14, 2), (28, 4), (16, 2), (16, 1)] {
+            v.push(case(4, q, kv, 128, 16, 100, 1, Gen::Randn));
+        }
+        for d in [64, 80, 96, 128, 256] {
+            v.push(case(2, 8, 2, d, 16, 77, 1, Gen::Randn));
+        }
+        for gen in Gen::ALL {
+            v.push(case(3, 14, 2, 64, 16, 40, 1, gen));
+        }
+        // Long contexts.
+        v.push(case(2, 12, 2, 128, 32, 4097, 1, Gen::Randn));
+        v.push(case(1, 28, 4, 128, 16, 32768, 0, Gen::Randn));
+        v
+    }
+
+    fn perf_cases(&self) -> Vec<Case> {
+        // (batch, ctx, q_heads, kv_heads, head_dim): Qwen2-0.5B, -1.5B, -7B, -72B layouts.
+        const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
+            (1, 1024, 14, 2, 64),
+            (8, 512, 14, 2, 64),
+            (64, 1024, 14, 2, 64),
+            (256, 1024, 14, 2, 64),
+            (64, 4096, 12, 2, 128),
+            (256, 2048, 28, 4, 128),
+            (8, 32768, 64, 8, 128),
+        ];
+        SHAPES
+            .iter()
+            .map(|&(b, ctx, q, kv, d)| {
+                Case::new()
+                    .with("batch", b)
+                    .with("q_heads", q)
+                    .with("kv_heads", kv)
+                    .with("head_dim", d)
+                    .with("block_size", 16)
+                    .with("ctx", ctx)
+                    .with("pool", 1)
+            })
+            .collect()
+    }
+
+    fn random_case(&self, rng: &mut SmallRng) -> Case {
+        let kv = rng.random_range(1..=4);
+        let mut c = case(
+            rng.random_range(1..=6),
+            kv * rng.random_range(1..=16),
+            kv,
+            *[64, 128, 80, 96, 32, 256].choose(rng).unwrap_or(&64),
+            *[8, 16, 32].choose(rng).unwrap_or(&16),
+            rng.random_range(0..=600),
+            rng.random_range(0..=1),
+            *Gen::ALL.choose(rng).unwrap_or(&Gen::Randn),
+        );
+        c.set("seed", rng.random::<u32>());
+        c
+    }
+
+    fn tolerance(&self, dtype: DType) -> Tolerance {
+        rounded_once(dtype)
+    }
+
+    fn bytes_moved(&self, case: &Case, dtype: DType) -> Result<u64, CaseError> {
+        let p = params(case)?;
+        let e = dtype.size_bytes() as u64;
+        // With ragged=0 every sequence holds ctx tokens (the perf cases).
+        let kv_tokens = (p.batch * p.ctx) as u64;
+        let mut b = 0;
+        b += 2 * kv_tokens * (p.kv_heads * p.head_dim) as u64 * e; // read K and V once per kv head
+        b += (p.batch * p.q_heads * p.head_dim) as u64 * e; // read q
+        b += (p.batch * p.q_heads * p.head_dim) as u64 * e; // write out
+        b += (p.batch * p.ctx.div_ceil(p.block_size)) as u64 * 4; // read the live block-table entries
+        b += p.batch as u64 * 4; // read context_lens
+        Ok(b)
+    }
+
+    fn flops(&self, case: &Case) -> Result<u64, CaseError> {
+        let p = params(case)?;
+        // q.k and p.v: 2 flops per multiply-add, head_dim each, per query head and token
+        Ok(4 * (p.batch * p.q_heads * p.ctx * p.head_dim) as u64)
+    }
+
+    fn run(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sabotage: Sabotage,
+    ) -> Result<Metrics, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+    }
+}
+
+fn run_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sabotage: Sabotage,
+    tol: Tolerance,
+) -> Result<Metrics, RunError> {
+    let p = params(case)?;
+    let (g, mut rng) = gen::from_case(case)?;
+    let dtype = T::DTYPE;
+    let (bs, mbps, nb) = (p.block_size, p.max_blocks_per_seq(), p.num_blocks());
+    let row = p.kv_heads * p.head_dim;
+
+    let lens: Vec<i32> = (0..p.batch)
+        .map(|b| {
+            if p.ragged && b > 0 && p.ctx > 0 {
+                rng.random_range(1..=p.ctx) as i32
+            } else {
+                p.ctx as i32
+            }
+        })
+        .collect();
+    // Block tables: a random permutation of the pool, dealt out in order;
+    // entries past a sequence's last block hold stale (valid) ids.
+    let mut perm: Vec<i32> = (0..nb as i32).collect();
+    perm.shuffle(&mut rng);
+    let mut next = 0;
+    let mut tables = vec![0i32; p.batch * mbps]; // [batch, max_blocks_per_seq]
+    for b in 0..p.batch {
+        let used = (lens[b] as usize).div_ceil(bs);
+        for j in 0..mbps {
+            tables[b * mbps + j] = if j < used {
+                next += 1;
+                perm[next - 1]
+            } else {
+                perm[rng.random_range(0..nb)]
+            };
+        }
+    }
+
+    // Caches [num_blocks, block_size, kv_heads, head_dim]: NaN except live
+    // tokens, whose values are drawn in one go (so `zero_row` zeroes one token).
+    let live: usize = lens.iter().map(|&l| l as usize).sum();
+    let kvals = g.fill(&mut rng, live * row, row, LARGE_QK);
+    let vvals = g.fill(&mut rng, live * row, row, LARGE_V);
+    let mut kc = vec![f64::NAN; nb * bs * row];
+    let mut vc = vec![f64::NAN; nb * bs * row];
+    let mut src = 0;
+    for b in 0..p.batch {
+        for j in 0..lens[b] as usize {
+            let slot = tables[b * mbps + j / bs] as usize * bs + j % bs;
+            for i in 0..row {
+                kc[slot * row + i] = dtype.round(kvals[src + i]);
+                vc[slot * row + i] = dtype.round(vvals[src + i]);
+            }
+            src += row;
+        }
+    }
+    let qn = p.batch * p.q_heads * p.head_dim;
+    let mut q = g.fill(&mut rng, qn, p.head_dim, LARGE_QK); // [batch, q_heads, head_dim]
+    gen::round_all(&mut q, dtype);
+    let scale = 1.0 / (p.head_dim as f64).sqrt();
+
+    let cache_dims = (nb, bs, p.kv_heads, p.head_dim);
+    let want = flat(reference::paged_attention::paged_decode(
+        view3(&q, (p.batch, p.q_heads, p.head_dim)),
+        view4(&kc, cache_dims),
+        view4(&vc, cache_dims),
+        ArrayView2::from_shape((p.batch, mbps), &tables)
+            .expect("table is batch x max_blocks_per_seq"),
+        &lens,
+        scale,
+    )?);
+
+    let uploaded_tables = if sabotage == Sabotage::ShiftBlockTable {
+        let mut t = tables.clone();
+        t.chunks_mut(mbps).for_each(|r| r.rotate_left(1));
+        t
+    } else {
+        tables
+    };
+    let gq = Guarded::input(gpu, "q", to_storage::<T>(&q))?;
+    let gk = Guarded::input(gpu, "k_cache", to_storage::<T>(&kc))?;
+    let gv = Guarded::input(gpu, "v_cache", to_storage::<T>(&vc))?;
+    let gt = Guarded::input(gpu, "block_tables", uploaded_tables)?;
+    let gl = Guarded::input(gpu, "context_lens", lens)?;
+    let mut gout = Guarded::<T>::output(gpu, "out", qn)?;
+    let rows = sabotage.rows(p.batch);
+    if sabotage.launches() {
+        let d = PagedAttentionDims {
+            batch: rows,
+            q_heads: p.q_heads,
+            kv_heads: p.kv_heads,
+            head_dim: p.head_dim,
+            block_size: bs,
+            num_blocks: nb,
+            max_blocks_per_seq: mbps,
+            scale: scale as f32,
+        };
+        let per_seq = p.q_heads * p.head_dim;
+        kernels::paged_attention::paged_attention(
+            gpu,
+            &mut gout.view_mut(rows * per_seq),
+            &gq.view(rows * per_seq),
+            &gk.full(),
+            &gv.full(),
+            &gt.view(rows * mbps),
+            &gl.view(rows),
+            d,
+        )?;
+    }
+    let outputs = vec![Expect {
+        buf: &mut gout,
+        shape: vec![p.batch, p.q_heads, p.head_dim],
+        want: &want,
+    }];
+    finish(gpu, sabotage, outputs, &[&gq, &gk, &gv, &gt, &gl], tol)
+}

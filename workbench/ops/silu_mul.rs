@@ -1,0 +1,152 @@
+//! `silu_mul`: out [tokens, I] = silu(gate) * up, input [tokens, 2I] = gate | up.
+//!
+//! Case keys: tokens, inter, gen, seed.
+
+use crate::by_dtype;
+use crate::case::{Case, CaseError};
+use crate::compare::{Metrics, Tolerance};
+use crate::gen::{self, Gen};
+use crate::guard::Guarded;
+use crate::op::{
+    finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
+};
+use crate::shapes::{self, flat, view2};
+use kernels::{DType, Gpu};
+use rand::rngs::SmallRng;
+use rand::seq::IndexedRandom;
+use rand::Rng;
+
+pub struct SiluMul;
+
+const VARIANTS: &[Variant] = &[Variant {
+    name: "v1",
+    note: "grid-stride elementwise, 16-byte vectors when I is aligned",
+    production: true,
+}];
+
+/// `large`: gates near ±80, where a naive exp(-g) overflows f32, and ups near
+/// ±80 (products stay inside f16's range).
+const LARGE: f64 = 80.0;
+
+fn params(case: &Case) -> Result<(usize, usize), CaseError> {
+    Ok((case.dim("tokens")?, case.dim("inter")?))
+}
+
+impl Op for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu_mul"
+    }
+    fn about(&self) -> &'static str {
+        "SwiGLU: silu(gate) * up over the fused gate|up projection"
+    }
+    fn variants(&self) -> &'static [Variant] {
+        VARIANTS
+    }
+    fn keys(&self) -> &'static [&'static str] {
+        &["tokens", "inter"]
+    }
+    fn validate(&self, case: &Case) -> Result<(), CaseError> {
+        params(case).map(|_| ())
+    }
+
+    fn check_cases(&self) -> Vec<Case> {
+        let base = |tokens: usize, inter: usize, gen: Gen| {
+            Case::new()
+                .with("tokens", tokens)
+                .with("inter", inter)
+                .with("gen", gen)
+                .with("seed", 2)
+        };
+        let mut v = Vec::new();
+        for inter in shapes::ODD_ROWS.iter().chain(&[4864, 8960]) {
+            v.push(base(7, *inter, Gen::Randn));
+        }
+        for inter in [4864, 1025] {
+            for gen in Gen::ALL {
+                v.push(base(3, inter, gen));
+            }
+        }
+        for tokens in shapes::TOKENS_CHECK {
+            v.push(base(tokens, 8960, Gen::Uniform));
+        }
+        v
+    }
+
+    fn perf_cases(&self) -> Vec<Case> {
+        shapes::models_by_tokens(|m, t| Case::new().with("tokens", t).with("inter", m.intermediate))
+    }
+
+    fn random_case(&self, rng: &mut SmallRng) -> Case {
+        Case::new()
+            .with("tokens", rng.random_range(1..=40))
+            .with("inter", shapes::random_row(rng))
+            .with("gen", *Gen::ALL.choose(rng).unwrap_or(&Gen::Randn))
+            .with("seed", rng.random::<u32>())
+    }
+
+    fn tolerance(&self, dtype: DType) -> Tolerance {
+        rounded_once(dtype)
+    }
+
+    fn bytes_moved(&self, case: &Case, dtype: DType) -> Result<u64, CaseError> {
+        let (t, i) = params(case)?;
+        let (n, e) = ((t * i) as u64, dtype.size_bytes() as u64);
+        let mut b = 0;
+        b += 2 * n * e; // read input [tokens, 2I]
+        b += n * e; // write out [tokens, I]
+        Ok(b)
+    }
+
+    fn flops(&self, case: &Case) -> Result<u64, CaseError> {
+        let (t, i) = params(case)?;
+        // exp, add, divide, multiply per output element
+        Ok((t * i) as u64 * 4)
+    }
+
+    fn run(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sabotage: Sabotage,
+    ) -> Result<Metrics, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+    }
+}
+
+fn run_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sabotage: Sabotage,
+    tol: Tolerance,
+) -> Result<Metrics, RunError> {
+    let (tokens, inter) = params(case)?;
+    let (g, mut rng) = gen::from_case(case)?;
+    let mut input = g.fill(&mut rng, tokens * 2 * inter, 2 * inter, LARGE); // [tokens, 2I]
+    gen::round_all(&mut input, T::DTYPE);
+    let want = flat(reference::silu_mul::silu_mul(view2(
+        &input,
+        (tokens, 2 * inter),
+    ))?);
+
+    let gin = Guarded::input(gpu, "input", to_storage::<T>(&input))?;
+    let mut gout = Guarded::<T>::output(gpu, "out", tokens * inter)?;
+    let rows = sabotage.rows(tokens);
+    if sabotage.launches() {
+        kernels::silu_mul::silu_mul(
+            gpu,
+            &mut gout.view_mut(rows * inter),
+            &gin.view(rows * 2 * inter),
+            rows,
+            inter,
+        )?;
+    }
+    let outputs = vec![Expect {
+        buf: &mut gout,
+        shape: vec![tokens, inter],
+        want: &want,
+    }];
+    finish(gpu, sabotage, outputs, &[&gin], tol)
+}

@@ -1,0 +1,75 @@
+//! The one list of kernels that `check`, `list`, the tests and the benches
+//! iterate. Adding a kernel: one file under `ops/`, one line here.
+
+use crate::op::Op;
+use crate::ops;
+
+pub static OPS: &[&dyn Op] = &[
+    &ops::rmsnorm::RmsNorm,
+    &ops::silu_mul::SiluMul,
+    &ops::rope::Rope,
+    &ops::kv_store::KvStore,
+    &ops::paged_attention::PagedAttention,
+];
+
+pub fn find(name: &str) -> Option<&'static dyn Op> {
+    OPS.iter().copied().find(|o| o.name() == name)
+}
+
+pub fn names() -> Vec<&'static str> {
+    OPS.iter().map(|o| o.name()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::compile::SOURCES;
+
+    #[test]
+    fn one_stem_per_kernel_across_registry_and_sources() {
+        let mut ops = names();
+        let mut srcs: Vec<&str> = SOURCES.iter().map(|(s, _)| *s).collect();
+        ops.sort();
+        srcs.sort();
+        assert_eq!(ops, srcs);
+    }
+
+    #[test]
+    fn every_declared_case_is_valid_and_unique() {
+        for op in OPS {
+            let mut seen = std::collections::HashSet::new();
+            for c in op.check_cases().into_iter().chain(op.perf_cases()) {
+                op.check_keys(&c)
+                    .unwrap_or_else(|e| panic!("{}: {e}", op.name()));
+                assert!(
+                    seen.insert(c.to_string()),
+                    "{}: duplicate case {c}",
+                    op.name()
+                );
+                for d in op.dtypes() {
+                    assert!(op.bytes_moved(&c, *d).unwrap() > 0, "{} {c}", op.name());
+                }
+            }
+            assert!(
+                op.variants().iter().filter(|v| v.production).count() == 1,
+                "{}",
+                op.name()
+            );
+        }
+    }
+
+    #[test]
+    fn random_cases_are_valid() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for op in OPS {
+            for _ in 0..200 {
+                let c = op.random_case(&mut rng);
+                op.check_keys(&c)
+                    .unwrap_or_else(|e| panic!("{}: {e}", op.name()));
+                // The printed case replays: parse it back to the same case.
+                assert_eq!(c.to_string().parse::<crate::case::Case>().unwrap(), c);
+            }
+        }
+    }
+}
