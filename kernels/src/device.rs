@@ -75,7 +75,12 @@ impl Gpu {
         )?;
         compile::cuda_include_dir()?;
 
-        let count = CudaContext::device_count().map_err(KernelError::driver("cuDeviceGetCount"))?;
+        let count = match CudaContext::device_count() {
+            Err(cudarc::driver::DriverError(
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE,
+            )) => 0,
+            r => r.map_err(KernelError::driver("cuDeviceGetCount"))?,
+        };
         if count <= 0 {
             return Err(KernelError::NoDevice);
         }

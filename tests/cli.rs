@@ -1,0 +1,139 @@
+//! The binary as users run it: exit codes, one-line errors, no panics.
+
+use std::process::{Command, Output};
+
+fn workbench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_workbench"))
+        .args(args)
+        .output()
+        .expect("the workbench binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exit 2, a single `error:` line, no panic or backtrace.
+fn assert_setup_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected `{needle}` in: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn list_shows_every_kernel() {
+    let o = workbench(&["list"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    for name in workbench::registry::names() {
+        assert!(out.contains(name), "{name} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn bad_input_is_exit_2_before_any_gpu_work() {
+    assert_setup_error(
+        &workbench(&["check", "rmsnrom"]),
+        "unknown kernel `rmsnrom`",
+    );
+    assert_setup_error(
+        &workbench(&["check", "rmsnorm", "--case", "tokens=2,hiden=8"]),
+        "unknown key `hiden`",
+    );
+    assert_setup_error(
+        &workbench(&["check", "rmsnorm", "--case", "tokens=0,hidden=8"]),
+        "tokens=0",
+    );
+    assert_setup_error(
+        &workbench(&[
+            "check",
+            "paged_attention",
+            "--case",
+            "batch=1,q_heads=14,kv_heads=3,head_dim=64,block_size=16,ctx=5",
+        ]),
+        "multiple of kv_heads",
+    );
+    assert_setup_error(
+        &workbench(&["check", "all", "--case", "tokens=1"]),
+        "needs one kernel",
+    );
+    // clap's own usage errors also exit 2.
+    assert_eq!(
+        workbench(&["check", "rmsnorm", "--dtype", "fp8"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+/// With no GPU visible (CI has no driver at all; a GPU host hides its devices
+/// with CUDA_VISIBLE_DEVICES=""), a GPU command says what is missing, exit 2.
+#[test]
+fn no_usable_gpu_is_one_line_and_exit_2() {
+    let o = Command::new(env!("CARGO_BIN_EXE_workbench"))
+        .args(["check", "rmsnorm", "--case", "tokens=2,hidden=8"])
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .expect("runs");
+    let err = stderr(&o);
+    assert_setup_error(&o, "");
+    assert!(
+        err.contains("libcuda")
+            || err.contains("no CUDA device")
+            || err.contains("libnvrtc")
+            || err.contains("headers"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn check_one_case_writes_csv_and_json_and_sabotage_exits_1() {
+    let dir = std::env::temp_dir().join(format!("wb-cli-{}", std::process::id()));
+    let csv = dir.join("check.csv");
+    let json = dir.join("check.json");
+    let case = "tokens=7,hidden=1025,residual=1,gen=randn,seed=1";
+    let o = workbench(&[
+        "check",
+        "rmsnorm",
+        "--case",
+        case,
+        "--csv",
+        csv.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("kernel,case,dtype,max_abs,max_rel,rel_l2,nan,tol_used,pass")
+    );
+    assert_eq!(
+        lines
+            .filter(|l| l.starts_with(&format!("rmsnorm,{case},")) && l.ends_with(",true"))
+            .count(),
+        3
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(doc["device"]["gpu"].as_str().unwrap().contains("NVIDIA"));
+
+    let o = workbench(&[
+        "check",
+        "rmsnorm",
+        "--case",
+        case,
+        "--sabotage",
+        "skip-launch",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(dir);
+}
