@@ -1,9 +1,31 @@
 //! The binary as users run it: exit codes, one-line errors, no panics.
 
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// The binary cargo built; on a GPU host the bundle carries tests and binary
+/// to other paths (`.gpu/tests/cli` beside `.gpu/bin/workbench`).
+fn bin() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_workbench"));
+    if built.exists() {
+        return built;
+    }
+    let me = std::env::current_exe().expect("test executable path");
+    let bundled = me
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("bin/workbench"));
+    bundled.filter(|p| p.exists()).unwrap_or_else(|| {
+        panic!(
+            "workbench binary not found at {} nor beside {}",
+            built.display(),
+            me.display()
+        )
+    })
+}
+
 fn workbench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_workbench"))
+    Command::new(bin())
         .args(args)
         .output()
         .expect("the workbench binary runs")
@@ -75,7 +97,7 @@ fn bad_input_is_exit_2_before_any_gpu_work() {
 /// with CUDA_VISIBLE_DEVICES=""), a GPU command says what is missing, exit 2.
 #[test]
 fn no_usable_gpu_is_one_line_and_exit_2() {
-    let o = Command::new(env!("CARGO_BIN_EXE_workbench"))
+    let o = Command::new(bin())
         .args(["check", "rmsnorm", "--case", "tokens=2,hidden=8"])
         .env("CUDA_VISIBLE_DEVICES", "")
         .output()
