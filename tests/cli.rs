@@ -132,18 +132,21 @@ fn check_one_case_writes_csv_and_json_and_sabotage_exits_1() {
         json.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let text = std::fs::read_to_string(&csv).unwrap();
-    let mut lines = text.lines();
+    let mut r = csv::Reader::from_path(&csv).unwrap();
+    let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
     assert_eq!(
-        lines.next(),
-        Some("kernel,case,dtype,max_abs,max_rel,rel_l2,nan,tol_used,pass")
+        header.join(","),
+        "kernel,case,dtype,max_abs,max_rel,rel_l2,nan,tol_used,pass"
     );
-    assert_eq!(
-        lines
-            .filter(|l| l.starts_with(&format!("rmsnorm,{case},")) && l.ends_with(",true"))
-            .count(),
-        3
-    );
+    let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+    assert_eq!(rows.len(), 3, "one row per dtype");
+    for row in &rows {
+        assert_eq!(
+            (&row[0], &row[1], &row[8]),
+            ("rmsnorm", case, "true"),
+            "{row:?}"
+        );
+    }
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(doc["device"]["gpu"].as_str().unwrap().contains("NVIDIA"));

@@ -219,6 +219,16 @@ pub fn run(
         if !metrics.pass() {
             failed += 1;
         }
+        if !show_progress || bar.is_hidden() {
+            // Logs (CI, a GPU host's captured output): one line per job as it ends.
+            eprintln!(
+                "{} {} {:.2}s {}",
+                if metrics.pass() { "ok  " } else { "FAIL" },
+                job.dtype,
+                t.elapsed().as_secs_f64(),
+                job.replay()
+            );
+        }
         rows.push(Row {
             job: job.clone(),
             metrics,

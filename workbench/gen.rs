@@ -10,6 +10,7 @@ use kernels::DType;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 use std::fmt;
 use std::str::FromStr;
 
@@ -52,32 +53,46 @@ impl Gen {
     }
 
     /// `n` values laid out in rows of `row` (for ZeroRow); `large` is the
-    /// op's scale for the Large regime.
+    /// op's scale for the Large regime. Drawn in parallel chunks, each seeded
+    /// from one draw of `rng` and its chunk index, so the values depend on the
+    /// seed alone, not on the thread count.
     pub fn fill(self, rng: &mut SmallRng, n: usize, row: usize, large: f64) -> Vec<f64> {
-        match self {
-            Gen::Randn | Gen::ZeroRow => {
-                let mut v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-                if self == Gen::ZeroRow {
-                    v.iter_mut().take(row.min(n)).for_each(|x| *x = 0.0);
-                }
-                v
+        let base: u64 = rng.random();
+        let mut v = vec![0.0; n];
+        v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+            let mut r =
+                SmallRng::seed_from_u64(base ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let start = c * CHUNK;
+            for (i, x) in out.iter_mut().enumerate() {
+                *x = self.draw(&mut r, start + i, large);
             }
-            Gen::Uniform => (0..n).map(|_| rng.random_range(-1.0..1.0)).collect(),
-            Gen::Ones => vec![1.0; n],
-            Gen::Arange => (0..n).map(|i| ((i % 64) as f64 - 32.0) / 8.0).collect(),
-            Gen::Large => (0..n)
-                .map(|_| {
-                    let m = rng.random_range(0.5..1.0) * large;
-                    if rng.random::<bool>() {
-                        m
-                    } else {
-                        -m
-                    }
-                })
-                .collect(),
+        });
+        if self == Gen::ZeroRow {
+            v.iter_mut().take(row.min(n)).for_each(|x| *x = 0.0);
+        }
+        v
+    }
+
+    fn draw(self, r: &mut SmallRng, i: usize, large: f64) -> f64 {
+        match self {
+            Gen::Randn | Gen::ZeroRow => StandardNormal.sample(r),
+            Gen::Uniform => r.random_range(-1.0..1.0),
+            Gen::Ones => 1.0,
+            Gen::Arange => ((i % 64) as f64 - 32.0) / 8.0,
+            Gen::Large => {
+                let m = r.random_range(0.5..1.0) * large;
+                if r.random::<bool>() {
+                    m
+                } else {
+                    -m
+                }
+            }
         }
     }
 }
+
+/// Elements per generator chunk.
+const CHUNK: usize = 1 << 16;
 
 impl fmt::Display for Gen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -105,7 +120,7 @@ pub fn from_case(case: &Case) -> Result<(Gen, SmallRng), CaseError> {
 
 /// Round every value to what `dtype` stores.
 pub fn round_all(v: &mut [f64], dtype: DType) {
-    v.iter_mut().for_each(|x| *x = dtype.round(*x));
+    v.par_iter_mut().for_each(|x| *x = dtype.round(*x));
 }
 
 /// `n` weights near 1 (RMSNorm weights are trained around 1), rounded to dtype.

@@ -10,6 +10,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use kernels::{Gpu, KernelError};
+use rayon::prelude::*;
 
 /// Guard elements after each buffer (64+ bytes for every element type).
 pub const GUARD: usize = 32;
@@ -81,9 +82,9 @@ pub fn verify_host<T: Elem>(
     }
     if let Some(orig) = original {
         if let Some(i) = all[..len]
-            .iter()
+            .par_iter()
             .zip(orig)
-            .position(|(a, b)| a.bits() != b.bits())
+            .position_first(|(a, b)| a.bits() != b.bits())
         {
             v.push(format!("{name}: input modified at element {i}"));
         }

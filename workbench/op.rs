@@ -8,6 +8,7 @@ use crate::compare::{Metrics, Tolerance};
 use crate::guard::{Elem, Guarded};
 use kernels::{DType, Gpu, KernelError, Storage};
 use rand::rngs::SmallRng;
+use rayon::prelude::*;
 use thiserror::Error;
 
 /// One implementation of a kernel. The engine calls the one marked production.
@@ -178,12 +179,34 @@ pub trait Stored: Storage + Elem {}
 impl<T: Storage + Elem> Stored for T {}
 
 pub fn to_storage<T: Storage>(v: &[f64]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f64(x)).collect()
+    v.par_iter().map(|&x| T::from_f64(x)).collect()
 }
 
 pub fn to_f64<T: Storage>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|&x| x.to_f64()).collect()
+    v.par_iter().map(|&x| x.to_f64()).collect()
 }
+
+/// Run a row-wise reference over chunks of rows in parallel. `f(rows)` gets
+/// a range of rows (tokens, sequences) and returns its `K` outputs; the
+/// chunks' outputs are concatenated in order. Rows are independent in every
+/// op that uses this, so the result is the same as one call over all rows.
+pub fn par_rows<E: Send, const K: usize>(
+    rows: usize,
+    row_elems: usize,
+    f: impl Fn(std::ops::Range<usize>) -> Result<[Vec<f64>; K], E> + Sync,
+) -> Result<[Vec<f64>; K], E> {
+    let per = (PAR_ELEMS / row_elems.max(1)).max(1);
+    let parts: Vec<[Vec<f64>; K]> = (0..rows.div_ceil(per))
+        .into_par_iter()
+        .map(|c| f(c * per..((c + 1) * per).min(rows)))
+        .collect::<Result<_, E>>()?;
+    Ok(std::array::from_fn(|k| {
+        parts.iter().flat_map(|p| p[k].iter().copied()).collect()
+    }))
+}
+
+/// Elements per parallel work item.
+const PAR_ELEMS: usize = 1 << 16;
 
 /// Inputs whose guards and contents are verified after the launch.
 pub trait Verify {
@@ -201,6 +224,9 @@ pub struct Expect<'a, T: Elem> {
     pub buf: &'a mut Guarded<T>,
     pub shape: Vec<usize>,
     pub want: &'a [f64],
+    /// Per-element magnitude of the terms summed into each output, where they
+    /// can cancel (see [`Metrics::compare_scaled`]); None: the output itself.
+    pub scale: Option<&'a [f64]>,
 }
 
 /// After the launch: apply a write-past-end sabotage, synchronize, read every
@@ -222,7 +248,8 @@ pub fn finish<T: Stored>(
     let mut total: Option<Metrics> = None;
     for e in outputs {
         let (got, violations) = e.buf.read(gpu)?;
-        let mut m = Metrics::compare(e.buf.name, &e.shape, &to_f64(&got), e.want, tol);
+        let mut m =
+            Metrics::compare_scaled(e.buf.name, &e.shape, &to_f64(&got), e.want, e.scale, tol);
         violations.into_iter().for_each(|v| m.violation(v));
         total = Some(match total {
             None => m,

@@ -245,11 +245,13 @@ fn run_t<T: Stored>(
             buf: &mut gkc,
             shape: shape.clone(),
             want: &want_k,
+            scale: None,
         },
         Expect {
             buf: &mut gvc,
             shape,
             want: &want_v,
+            scale: None,
         },
     ];
     finish(gpu, sabotage, outputs, &[&gk, &gv, &gslots], tol)

@@ -16,6 +16,7 @@ use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
+use crate::op::par_rows;
 use crate::op::{
     finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
 };
@@ -26,6 +27,7 @@ use ndarray::ArrayView2;
 use rand::rngs::SmallRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
+use rayon::prelude::*;
 
 pub struct PagedAttention;
 
@@ -282,38 +284,74 @@ fn run_t<T: Stored>(
     }
 
     // Caches [num_blocks, block_size, kv_heads, head_dim]: NaN except live
-    // tokens, whose values are drawn in one go (so `zero_row` zeroes one token).
+    // tokens, whose values are drawn in one go (so `zero_row` zeroes one
+    // token) and scattered through the block tables.
     let live: usize = lens.iter().map(|&l| l as usize).sum();
     let kvals = g.fill(&mut rng, live * row, row, LARGE_QK);
     let vvals = g.fill(&mut rng, live * row, row, LARGE_V);
-    let mut kc = vec![f64::NAN; nb * bs * row];
-    let mut vc = vec![f64::NAN; nb * bs * row];
+    let mut owner = vec![usize::MAX; nb * bs]; // slot -> live token index
     let mut src = 0;
     for b in 0..p.batch {
         for j in 0..lens[b] as usize {
-            let slot = tables[b * mbps + j / bs] as usize * bs + j % bs;
-            for i in 0..row {
-                kc[slot * row + i] = dtype.round(kvals[src + i]);
-                vc[slot * row + i] = dtype.round(vvals[src + i]);
-            }
-            src += row;
+            owner[tables[b * mbps + j / bs] as usize * bs + j % bs] = src;
+            src += 1;
         }
     }
+    let scatter = |vals: &[f64]| -> Vec<f64> {
+        let mut c = vec![f64::NAN; nb * bs * row];
+        c.par_chunks_mut(row)
+            .zip(owner.par_iter())
+            .for_each(|(dst, &o)| {
+                if o != usize::MAX {
+                    for (d, s) in dst.iter_mut().zip(&vals[o * row..(o + 1) * row]) {
+                        *d = dtype.round(*s);
+                    }
+                }
+            });
+        c
+    };
+    let (kc, vc) = (scatter(&kvals), scatter(&vvals));
+    drop((kvals, vvals, owner));
     let qn = p.batch * p.q_heads * p.head_dim;
     let mut q = g.fill(&mut rng, qn, p.head_dim, LARGE_QK); // [batch, q_heads, head_dim]
     gen::round_all(&mut q, dtype);
     let scale = 1.0 / (p.head_dim as f64).sqrt();
 
+    // Reference, sequences in parallel. The same attention over |V| gives
+    // sum_j p_j |v_j| per output: the magnitude of the averaged terms, which
+    // f32 accumulation error scales with (outputs can cancel to near 0).
     let cache_dims = (nb, bs, p.kv_heads, p.head_dim);
-    let want = flat(reference::paged_attention::paged_decode(
-        view3(&q, (p.batch, p.q_heads, p.head_dim)),
-        view4(&kc, cache_dims),
-        view4(&vc, cache_dims),
-        ArrayView2::from_shape((p.batch, mbps), &tables)
-            .expect("table is batch x max_blocks_per_seq"),
-        &lens,
-        scale,
-    )?);
+    let vc_abs: Vec<f64> = vc.par_iter().map(|x| x.abs()).collect();
+    let per_seq = p.q_heads * p.head_dim;
+    let [want, scale_out] = par_rows(p.batch, per_seq + ctx_work(p), |r| -> Result<_, RunError> {
+        let qs = view3(
+            &q[r.start * per_seq..r.end * per_seq],
+            (r.len(), p.q_heads, p.head_dim),
+        );
+        let ts = ArrayView2::from_shape((r.len(), mbps), &tables[r.start * mbps..r.end * mbps])
+            .expect("table is batch x max_blocks_per_seq");
+        let ls = &lens[r];
+        let kv = view4(&kc, cache_dims);
+        Ok([
+            flat(reference::paged_attention::paged_decode(
+                qs,
+                kv,
+                view4(&vc, cache_dims),
+                ts,
+                ls,
+                scale,
+            )?),
+            flat(reference::paged_attention::paged_decode(
+                qs,
+                kv,
+                view4(&vc_abs, cache_dims),
+                ts,
+                ls,
+                scale,
+            )?),
+        ])
+    })?;
+    drop(vc_abs);
 
     let uploaded_tables = if sabotage == Sabotage::ShiftBlockTable {
         let mut t = tables.clone();
@@ -340,7 +378,6 @@ fn run_t<T: Stored>(
             max_blocks_per_seq: mbps,
             scale: scale as f32,
         };
-        let per_seq = p.q_heads * p.head_dim;
         kernels::paged_attention::paged_attention(
             gpu,
             &mut gout.view_mut(rows * per_seq),
@@ -356,6 +393,12 @@ fn run_t<T: Stored>(
         buf: &mut gout,
         shape: vec![p.batch, p.q_heads, p.head_dim],
         want: &want,
+        scale: Some(&scale_out),
     }];
     finish(gpu, sabotage, outputs, &[&gq, &gk, &gv, &gt, &gl], tol)
+}
+
+/// Work per sequence in elements, so `par_rows` makes chunks of similar cost.
+fn ctx_work(p: Params) -> usize {
+    p.q_heads * p.ctx.max(1) * p.head_dim
 }

@@ -7,6 +7,7 @@ use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
+use crate::op::par_rows;
 use crate::op::{
     finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
 };
@@ -160,7 +161,7 @@ fn run_t<T: Stored>(
     let p = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
     let dtype = T::DTYPE;
-    let (n, dims) = (p.tokens * p.hidden, (p.tokens, p.hidden));
+    let n = p.tokens * p.hidden;
     let mut x = g.fill(&mut rng, n, p.hidden, LARGE); // [tokens, hidden]
     gen::round_all(&mut x, dtype);
     let w = gen::weights(&mut rng, p.hidden, dtype); // [hidden]
@@ -170,27 +171,25 @@ fn run_t<T: Stored>(
         r
     });
 
-    // Reference in f64 on the rounded inputs.
-    let (want_out, want_res) = match &res {
-        Some(r) => {
-            let (o, r) = reference::rmsnorm::fused_add_rmsnorm(
-                view2(&x, dims),
-                view2(r, dims),
-                ArrayView1::from(&w),
-                p.eps,
-                |v| dtype.round(v),
-            )?;
-            (flat(o), Some(flat(r)))
-        }
-        None => (
-            flat(reference::rmsnorm::rmsnorm(
-                view2(&x, dims),
-                ArrayView1::from(&w),
-                p.eps,
-            )?),
-            None,
-        ),
-    };
+    // Reference in f64 on the rounded inputs, rows in parallel.
+    let h = p.hidden;
+    let wv = ArrayView1::from(&w);
+    let [want_out, want_res] = par_rows(p.tokens, h, |r| -> Result<_, RunError> {
+        let xs = view2(&x[r.start * h..r.end * h], (r.len(), h));
+        Ok(match &res {
+            Some(res) => {
+                let rs = view2(&res[r.start * h..r.end * h], (r.len(), h));
+                let (o, nr) =
+                    reference::rmsnorm::fused_add_rmsnorm(xs, rs, wv, p.eps, |v| dtype.round(v))?;
+                [flat(o), flat(nr)]
+            }
+            None => [
+                flat(reference::rmsnorm::rmsnorm(xs, wv, p.eps)?),
+                Vec::new(),
+            ],
+        })
+    })?;
+    let want_res = p.residual.then_some(want_res);
 
     let gx = Guarded::input(gpu, "x", to_storage::<T>(&x))?;
     let gw = Guarded::input(gpu, "weight", to_storage::<T>(&w))?;
@@ -226,12 +225,14 @@ fn run_t<T: Stored>(
         buf: &mut gout,
         shape: shape.clone(),
         want: &want_out,
+        scale: None,
     }];
     if let (Some(gr), Some(r)) = (gres.as_mut(), want_res.as_ref()) {
         outputs.push(Expect {
             buf: gr,
             shape,
             want: r,
+            scale: None,
         });
     }
     finish(gpu, sabotage, outputs, &[&gx, &gw], tol)

@@ -9,6 +9,7 @@ use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
+use crate::op::par_rows;
 use crate::op::{
     finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
 };
@@ -194,16 +195,19 @@ fn run_t<T: Stored>(
     let positions: Vec<i32> = (0..p.tokens)
         .map(|_| rng.random_range(0..p.max_pos) as i32)
         .collect();
-    let want_q = flat(reference::rope::rope_neox(
-        view3(&q, (p.tokens, p.q_heads, p.head_dim)),
-        &positions,
-        p.theta,
-    )?);
-    let want_k = flat(reference::rope::rope_neox(
-        view3(&k, (p.tokens, p.kv_heads, p.head_dim)),
-        &positions,
-        p.theta,
-    )?);
+    let (d, qh, kh) = (p.head_dim, p.q_heads, p.kv_heads);
+    let [want_q, want_k] = par_rows(p.tokens, (qh + kh) * d, |r| -> Result<_, RunError> {
+        let pos = &positions[r.clone()];
+        let qs = view3(&q[r.start * qh * d..r.end * qh * d], (r.len(), qh, d));
+        let ks = view3(&k[r.start * kh * d..r.end * kh * d], (r.len(), kh, d));
+        Ok([
+            flat(reference::rope::rope_neox(qs, pos, p.theta)?),
+            flat(reference::rope::rope_neox(ks, pos, p.theta)?),
+        ])
+    })?;
+    // Each output is x1*cos -+ x2*sin: f32 rounding scales with the pair's
+    // norm (which the rotation keeps), not with the possibly cancelled result.
+    let (scale_q, scale_k) = (pair_norms(&q, d), pair_norms(&k, d));
 
     let table = RopeTable::new(gpu, p.max_pos, p.head_dim, p.theta)?;
     let mut gq = Guarded::inout(gpu, "q", &to_storage::<T>(&q))?;
@@ -231,12 +235,28 @@ fn run_t<T: Stored>(
             buf: &mut gq,
             shape: vec![p.tokens, p.q_heads, p.head_dim],
             want: &want_q,
+            scale: Some(&scale_q),
         },
         Expect {
             buf: &mut gk,
             shape: vec![p.tokens, p.kv_heads, p.head_dim],
             want: &want_k,
+            scale: Some(&scale_k),
         },
     ];
     finish(gpu, sabotage, outputs, &[&gpos], tol)
+}
+
+/// sqrt(x[i]^2 + x[i + d/2]^2) for both members of every rotated pair.
+fn pair_norms(x: &[f64], head_dim: usize) -> Vec<f64> {
+    let half = head_dim / 2;
+    let mut out = vec![0.0; x.len()];
+    for (o, h) in out.chunks_mut(head_dim).zip(x.chunks(head_dim)) {
+        for i in 0..half {
+            let n = h[i].hypot(h[i + half]);
+            o[i] = n;
+            o[i + half] = n;
+        }
+    }
+    out
 }

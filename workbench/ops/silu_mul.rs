@@ -147,6 +147,7 @@ fn run_t<T: Stored>(
         buf: &mut gout,
         shape: vec![tokens, inter],
         want: &want,
+        scale: None,
     }];
     finish(gpu, sabotage, outputs, &[&gin], tol)
 }
