@@ -13,3 +13,4 @@ pub mod ops;
 pub mod registry;
 pub mod report;
 pub mod shapes;
+pub mod plot;
