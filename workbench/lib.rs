@@ -10,7 +10,7 @@ pub mod gen;
 pub mod guard;
 pub mod op;
 pub mod ops;
+pub mod plot;
 pub mod registry;
 pub mod report;
 pub mod shapes;
-pub mod plot;
