@@ -4,6 +4,7 @@
 //! guard words, exact comparison rules) and reports the results.
 
 pub mod case;
+pub mod ceilings;
 pub mod check;
 pub mod compare;
 pub mod gen;
@@ -13,4 +14,6 @@ pub mod ops;
 pub mod plot;
 pub mod registry;
 pub mod report;
+pub mod roofline;
+pub mod roofline_report;
 pub mod shapes;

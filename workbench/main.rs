@@ -36,6 +36,33 @@ enum Cmd {
     },
     /// Run kernels against their CPU references (every check and perf case, every dtype).
     Check(CheckArgs),
+    /// Check, then time every perf case against the measured ceilings and peers.
+    Roofline(RooflineArgs),
+}
+
+#[derive(clap::Args)]
+struct RooflineArgs {
+    /// Kernels to time (default: all).
+    kernels: Vec<String>,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// Report directory (default: reports/<gpu>, e.g. reports/h100).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Peers' CSVs in the roofline.csv schema (benches/peers/run_peers.py).
+    #[arg(long, num_args = 1..)]
+    peers: Vec<PathBuf>,
+    /// Peers' missing.csv (kernel,impl,reason): ops a peer lacks.
+    #[arg(long)]
+    peers_missing: Option<PathBuf>,
+    /// Write the perf cases as JSON for the peer scripts and exit (no GPU needed).
+    #[arg(long)]
+    emit_cases: Option<PathBuf>,
+    /// L2 size written into --emit-cases (bytes; H100: 50 MiB).
+    #[arg(long, default_value_t = 50 << 20)]
+    l2_bytes: u64,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -113,6 +140,7 @@ fn run(cli: Cli) -> Result<ExitCode, Setup> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check(a) => check_cmd(a),
+        Cmd::Roofline(a) => roofline_cmd(a),
     }
 }
 
@@ -198,6 +226,167 @@ fn check_cmd(a: CheckArgs) -> Result<ExitCode, Setup> {
         "{} of {} passed in {secs:.1} s",
         rows.len() - failed,
         rows.len()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// reports/<gpu>: "h100", "h200", else the device name in lowercase.
+fn gpu_dir(name: &str) -> String {
+    for short in ["H100", "H200", "A100", "B200", "L40S"] {
+        if name.contains(short) {
+            return short.to_lowercase();
+        }
+    }
+    name.to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
+    use workbench::{ceilings, roofline, roofline_report};
+    let jobs = roofline::plan(&a.kernels, a.dtype)?;
+    if let Some(p) = &a.emit_cases {
+        roofline::emit_cases(&jobs, a.l2_bytes, p)?;
+        println!("wrote {} cases to {}", jobs.len(), p.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let gpu = Gpu::new(a.device)?;
+    let prov = Provenance::new(gpu.info());
+    println!("{}", prov.line());
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("reports").join(gpu_dir(&gpu.info().name)));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    gpu.warm_up_modules()?;
+
+    println!("measuring ceilings...");
+    let c = ceilings::measure(&gpu)?;
+    for r in &c.rows {
+        println!(
+            "  {:<32} {:>9.1} {:<8} {}",
+            r.name, r.value, r.unit, r.source
+        );
+    }
+    let peers = roofline::read_peers(&a.peers, &c)?;
+    let missing: roofline_report::Missing = match &a.peers_missing {
+        None => Vec::new(),
+        Some(p) => {
+            let mut r =
+                csv::Reader::from_path(p).with_context(|| format!("reading {}", p.display()))?;
+            r.deserialize::<(String, String, String)>()
+                .collect::<Result<_, _>>()?
+        }
+    };
+    println!(
+        "checking and timing {} cases of ours ({}), {} peer rows merged",
+        jobs.len(),
+        a.dtype,
+        peers.len()
+    );
+    let ours = roofline::run(&gpu, &jobs, &c, kernels::timing::TimingOpts::default())?;
+
+    let mut all = ours.clone();
+    all.extend(peers.iter().cloned());
+    roofline::write_csv(&all, &out.join("roofline.csv"))?;
+    roofline::write_ceilings(&c, &out.join("ceilings.csv"))?;
+    let ctx = gpu.context();
+    let attr = |x| ctx.attribute(x).unwrap_or(0);
+    use kernels::cudarc::driver::sys::CUdevice_attribute as A;
+    let extra = vec![
+        (
+            "SM clock (max)".to_string(),
+            format!("{} MHz", attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE) / 1000),
+        ),
+        (
+            "memory clock (max)".to_string(),
+            format!(
+                "{} MHz",
+                attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE) / 1000
+            ),
+        ),
+        (
+            "memory bus".to_string(),
+            format!(
+                "{} bits",
+                attr(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+            ),
+        ),
+    ];
+    std::fs::write(
+        out.join("SETUP.md"),
+        roofline_report::setup(&prov, &c, &extra, &command),
+    )?;
+    std::fs::write(
+        out.join("roofline.md"),
+        roofline_report::markdown(&ours, &peers, &missing, &c, &prov, &command),
+    )?;
+    let title = format!("{}, {}", prov.gpu, prov.date_utc);
+    let plots = roofline_report::plots(&ours, &peers, &c, &title, &out)?;
+
+    // Summary: per kernel, how many cases, % of ceiling range, and the verdicts.
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "kernel",
+        "variant",
+        "cases",
+        "FAIL",
+        "% ceiling (min–max)",
+        "faster",
+        "tie",
+        "slower",
+        "no peer",
+    ]);
+    let vs = roofline::verdicts(&ours, &peers);
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in &ours {
+        let k = (r.kernel.clone(), r.variant.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut failed = 0;
+    for (k, v) in &keys {
+        let rows: Vec<_> = vs
+            .iter()
+            .filter(|x| &x.ours.kernel == k && &x.ours.variant == v)
+            .collect();
+        let pct: Vec<f64> = rows
+            .iter()
+            .filter_map(|x| x.ours.pct_of_ceiling.parse().ok())
+            .collect();
+        let count = |o: &str| rows.iter().filter(|x| x.outcome() == o).count();
+        failed += count("FAIL");
+        let (lo, hi) = pct
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), &p| (a.min(p), b.max(p)));
+        t.add_row(vec![
+            k.clone(),
+            v.clone(),
+            rows.len().to_string(),
+            count("FAIL").to_string(),
+            if pct.is_empty() {
+                "—".into()
+            } else {
+                format!("{lo:.0}–{hi:.0}")
+            },
+            count("faster").to_string(),
+            count("tie").to_string(),
+            count("slower").to_string(),
+            count("no peer").to_string(),
+        ]);
+    }
+    println!("{t}");
+    println!(
+        "wrote {}/{{roofline.csv, ceilings.csv, SETUP.md, roofline.md}} and {} plots (svg+png)",
+        out.display(),
+        plots.len()
     );
     Ok(if failed == 0 {
         ExitCode::SUCCESS

@@ -6,6 +6,7 @@
 use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::guard::{Elem, Guarded};
+use cudarc::driver::CudaSlice;
 use kernels::{DType, Gpu, KernelError, Storage};
 use rand::rngs::SmallRng;
 use rayon::prelude::*;
@@ -103,6 +104,17 @@ pub trait Op: Sync {
     fn sabotages(&self) -> &'static [Sabotage] {
         Sabotage::COMMON
     }
+    /// Perf inputs for `case` in `sets` independent random sets on the device;
+    /// the returned bench launches `variant` on one set. Used by the timing path.
+    fn bench(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sets: usize,
+    ) -> Result<Box<dyn Bench>, RunError>;
+
     /// Run `case` on the GPU and compare with the reference.
     fn run(
         &self,
@@ -263,4 +275,46 @@ pub fn finish<T: Stored>(
             .for_each(|v| total.violation(v));
     }
     Ok(total)
+}
+
+/// The registry's own `&'static str` for a variant name (benches outlive the
+/// caller's borrow); unknown names were refused by `require_variant` first.
+pub fn static_variant(v: &str) -> &'static str {
+    crate::registry::OPS
+        .iter()
+        .flat_map(|o| o.variants())
+        .map(|x| x.name)
+        .find(|n| *n == v)
+        .unwrap_or("v1")
+}
+
+/// Launches one perf case on one of its prepared input sets.
+pub trait Bench {
+    fn launch(&mut self, gpu: &Gpu, set: usize) -> Result<(), KernelError>;
+}
+
+/// A device buffer of `n` uniform values in [lo, hi) (never zeros), filled on the GPU.
+pub fn rand_buf<T: Storage>(
+    gpu: &Gpu,
+    n: usize,
+    seed: u64,
+    lo: f32,
+    hi: f32,
+) -> Result<CudaSlice<T>, KernelError> {
+    let mut b = gpu
+        .stream()
+        .alloc_zeros::<T>(n.max(1))
+        .map_err(KernelError::driver("alloc perf input"))?;
+    kernels::util::fill_random(gpu, &mut b.slice_mut(0..n.max(1)), seed, lo, hi)?;
+    Ok(b)
+}
+
+/// A host vector on the device (indices: positions, slots, block tables).
+pub fn upload<T: cudarc::driver::DeviceRepr>(
+    gpu: &Gpu,
+    v: &[T],
+) -> Result<CudaSlice<T>, KernelError> {
+    gpu.stream()
+        .clone_htod(v)
+        .map_err(KernelError::driver("upload perf input"))
 }

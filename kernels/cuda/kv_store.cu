@@ -8,8 +8,11 @@
 // slot >= num_slots is a caller bug the launcher cannot see on the host; it is
 // skipped rather than written out of bounds.
 //
-// One block per token; threads stride over kv_heads * head_dim elements with
-// 16-byte vectors when head_dim allows (the row is contiguous in both places).
+// v1: one block per token; threads stride over kv_heads * head_dim elements
+//     with 16-byte vectors when head_dim allows (the row is contiguous in both
+//     places). Small rows (Qwen2-0.5B: 2 x 64) leave most of a block idle.
+// v2: one grid-stride loop over (token, 16-byte vector) for k and v together:
+//     every thread busy, the grid sized to the work.
 
 template <typename T>
 __device__ void kv_store_impl(T* __restrict__ k_cache, T* __restrict__ v_cache,
@@ -37,10 +40,49 @@ __device__ void kv_store_impl(T* __restrict__ k_cache, T* __restrict__ v_cache,
     }
 }
 
+template <typename T>
+__device__ void kv_store_v2_impl(T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                 const T* __restrict__ k, const T* __restrict__ v,
+                                 const i64* __restrict__ slot_mapping, i64 num_slots, i64 tokens,
+                                 int row_elems) {
+    constexpr int N = Vec16<T>::N;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row_elems % N == 0 && aligned16(k) && aligned16(v) && aligned16(k_cache) &&
+        aligned16(v_cache)) {
+        const int per_row = row_elems / N;
+        const i64 total = tokens * per_row;
+        for (i64 w = first; w < total; w += stride) {
+            const i64 t = w / per_row;
+            const int j = (int)(w - t * per_row) * N;
+            const i64 slot = slot_mapping[t];
+            if (slot < 0 || slot >= num_slots) continue;
+            store16(k_cache + slot * row_elems + j, load16(k + t * row_elems + j));
+            store16(v_cache + slot * row_elems + j, load16(v + t * row_elems + j));
+        }
+    } else {
+        const i64 total = tokens * row_elems;
+        for (i64 w = first; w < total; w += stride) {
+            const i64 t = w / row_elems;
+            const int j = (int)(w - t * row_elems);
+            const i64 slot = slot_mapping[t];
+            if (slot < 0 || slot >= num_slots) continue;
+            k_cache[slot * row_elems + j] = k[w];
+            v_cache[slot * row_elems + j] = v[w];
+        }
+    }
+}
+
 #define WB_KV_STORE(T, S)                                                                      \
     extern "C" __global__ void kv_store_##S(T* k_cache, T* v_cache, const T* k, const T* v,    \
                                             const i64* slot_mapping, i64 num_slots,            \
                                             int row_elems) {                                   \
         kv_store_impl<T>(k_cache, v_cache, k, v, slot_mapping, num_slots, row_elems);          \
+    }                                                                                          \
+    extern "C" __global__ void kv_store_v2_##S(T* k_cache, T* v_cache, const T* k, const T* v, \
+                                               const i64* slot_mapping, i64 num_slots,         \
+                                               i64 tokens, int row_elems) {                    \
+        kv_store_v2_impl<T>(k_cache, v_cache, k, v, slot_mapping, num_slots, tokens,           \
+                            row_elems);                                                        \
     }
 WB_FOR_EACH_DTYPE(WB_KV_STORE)

@@ -11,11 +11,17 @@
 // Unlike HF, which rounds the normalized value to T before multiplying by the
 // weight, we multiply in f32 and round once at the store.
 //
-// One block per row. Pass 1 accumulates the sum of squares in f32 (squares of
+// v1: one block per row. Pass 1 accumulates the sum of squares in f32 (squares of
 // bf16 values near 6e4 would overflow f16, never f32); pass 2 re-reads the row
 // (from L1/L2) and writes the output. 16-byte vectors are used when every
 // row starts 16-byte aligned (hidden a multiple of 16/sizeof(T)); other
 // hidden sizes take the scalar path.
+//
+// v2: one warp per row, 4 rows per 128-thread block, the row held in
+// registers between the two passes (up to 16 vectors per lane: hidden <= 4096
+// in bf16), so x/residual are read once and no __syncthreads is needed. The
+// launcher sends longer rows to v1's block-per-row kernel; rows that are not
+// vector-aligned take a scalar warp-per-row loop.
 
 template <typename T, bool kFused>
 __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
@@ -79,6 +85,73 @@ __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
     }
 }
 
+#define RMS_V2_ROWS 4
+#define RMS_V2_MAXV 16
+
+template <typename T, bool kFused>
+__device__ void rmsnorm_v2_rows(T* __restrict__ out, T* __restrict__ residual,
+                                const T* __restrict__ x, const T* __restrict__ weight, float eps,
+                                int tokens, int hidden) {
+    constexpr int N = Vec16<T>::N;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * RMS_V2_ROWS + (threadIdx.x >> 5);
+    if (row >= tokens) return;
+    const i64 base = (i64)row * hidden;
+    const bool vec = hidden % N == 0 && hidden / N <= 32 * RMS_V2_MAXV && aligned16(x) &&
+                     aligned16(out) && aligned16(weight) && (!kFused || aligned16(residual));
+    if (!vec) {
+        // Scalar warp-per-row fallback: two passes over global memory.
+        float ss = 0.f;
+        for (int i = lane; i < hidden; i += 32) {
+            T a = x[base + i];
+            if (kFused) {
+                a = from_f32<T>(to_f32(a) + to_f32(residual[base + i]));
+                residual[base + i] = a;
+            }
+            const float f = to_f32(a);
+            ss += f * f;
+        }
+        const float rstd = rsqrtf(warp_sum(ss) / (float)hidden + eps);
+        const T* src = kFused ? residual + base : x + base;
+        for (int i = lane; i < hidden; i += 32)
+            out[base + i] = from_f32<T>(to_f32(src[i]) * rstd * to_f32(weight[i]));
+        return;
+    }
+    const int nvec = hidden / N;
+    Vec16<T> a[RMS_V2_MAXV];
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < RMS_V2_MAXV; ++u) {
+        const int i = (lane + 32 * u) * N;
+        if (lane + 32 * u < nvec) {
+            a[u] = load16(x + base + i);
+            if (kFused) {
+                Vec16<T> r = load16(residual + base + i);
+#pragma unroll
+                for (int j = 0; j < N; ++j) a[u].v[j] = from_f32<T>(to_f32(a[u].v[j]) + to_f32(r.v[j]));
+                store16(residual + base + i, a[u]);
+            }
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                const float f = to_f32(a[u].v[j]);
+                ss += f * f;
+            }
+        }
+    }
+    const float rstd = rsqrtf(warp_sum(ss) / (float)hidden + eps);
+#pragma unroll
+    for (int u = 0; u < RMS_V2_MAXV; ++u) {
+        const int i = (lane + 32 * u) * N;
+        if (lane + 32 * u < nvec) {
+            Vec16<T> w = load16(weight + i);
+            Vec16<T> o;
+#pragma unroll
+            for (int j = 0; j < N; ++j) o.v[j] = from_f32<T>(to_f32(a[u].v[j]) * rstd * to_f32(w.v[j]));
+            store16(out + base + i, o);
+        }
+    }
+}
+
 #define WB_RMSNORM(T, S)                                                                        \
     extern "C" __global__ void rmsnorm_##S(T* out, const T* x, const T* weight, float eps,     \
                                            int hidden) {                                        \
@@ -87,5 +160,14 @@ __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
     extern "C" __global__ void fused_add_rmsnorm_##S(T* out, T* residual, const T* x,          \
                                                      const T* weight, float eps, int hidden) { \
         rmsnorm_row<T, true>(out, residual, x, weight, eps, hidden);                            \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * RMS_V2_ROWS)                              \
+        rmsnorm_v2_##S(T* out, const T* x, const T* weight, float eps, int tokens, int hidden) { \
+        rmsnorm_v2_rows<T, false>(out, nullptr, x, weight, eps, tokens, hidden);                \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * RMS_V2_ROWS)                              \
+        fused_add_rmsnorm_v2_##S(T* out, T* residual, const T* x, const T* weight, float eps,   \
+                                 int tokens, int hidden) {                                      \
+        rmsnorm_v2_rows<T, true>(out, residual, x, weight, eps, tokens, hidden);                \
     }
 WB_FOR_EACH_DTYPE(WB_RMSNORM)

@@ -15,7 +15,12 @@
 // are set to NaN so the bad input is loud downstream, and nothing is read out
 // of bounds.
 //
-// One block per token; threads stride over (head, i) pairs of q then k.
+// v1: one block per token; threads stride over (head, i) pairs of q then k,
+//     2-byte loads.
+// v2: a grid-stride loop over (token, head, chunk of 16/sizeof(T) pairs):
+//     each thread loads 16 bytes from each half of the head and 2 x 16 bytes
+//     each of cos and sin, so every access is a full vector (head_dim/2 a
+//     multiple of 16/sizeof(T), aligned; otherwise the scalar loop).
 
 template <typename T>
 __device__ void rope_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,
@@ -55,10 +60,83 @@ __device__ void rope_impl(T* __restrict__ q, T* __restrict__ k, const int* __res
     }
 }
 
+template <typename T>
+__device__ void rope_v2_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,
+                             const float* __restrict__ cos_sin, int max_positions, int tokens,
+                             int q_heads, int kv_heads, int head_dim) {
+    constexpr int N = Vec16<T>::N;
+    const int half = head_dim / 2;
+    const int heads = q_heads + kv_heads;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool vec = half % N == 0 && aligned16(q) && aligned16(k) && aligned16(cos_sin);
+    if (vec) {
+        const int chunks = half / N;
+        const i64 total = (i64)tokens * heads * chunks;
+        for (i64 w = first; w < total; w += stride) {
+            const int c = (int)(w % chunks);
+            const i64 th = w / chunks;
+            const int h = (int)(th % heads);
+            const int t = (int)(th / heads);
+            T* x = h < q_heads ? q + ((i64)t * q_heads + h) * head_dim
+                               : k + ((i64)t * kv_heads + (h - q_heads)) * head_dim;
+            const int pos = positions[t];
+            const int i = c * N;
+            Vec16<T> a = load16(x + i), b = load16(x + half + i);
+            if (pos < 0 || pos >= max_positions) {
+#pragma unroll
+                for (int j = 0; j < N; ++j) a.v[j] = b.v[j] = from_f32<T>(WB_NAN);
+            } else {
+                const float* cs = cos_sin + (i64)pos * head_dim;
+                float cv[N], sv[N];
+#pragma unroll
+                for (int j = 0; j < N; j += 4) {
+                    *reinterpret_cast<float4*>(cv + j) = *reinterpret_cast<const float4*>(cs + i + j);
+                    *reinterpret_cast<float4*>(sv + j) = *reinterpret_cast<const float4*>(cs + half + i + j);
+                }
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    const float x1 = to_f32(a.v[j]), x2 = to_f32(b.v[j]);
+                    a.v[j] = from_f32<T>(x1 * cv[j] - x2 * sv[j]);
+                    b.v[j] = from_f32<T>(x2 * cv[j] + x1 * sv[j]);
+                }
+            }
+            store16(x + i, a);
+            store16(x + half + i, b);
+        }
+    } else {
+        const i64 total = (i64)tokens * heads * half;
+        for (i64 w = first; w < total; w += stride) {
+            const int i = (int)(w % half);
+            const i64 th = w / half;
+            const int h = (int)(th % heads);
+            const int t = (int)(th / heads);
+            T* x = h < q_heads ? q + ((i64)t * q_heads + h) * head_dim
+                               : k + ((i64)t * kv_heads + (h - q_heads)) * head_dim;
+            const int pos = positions[t];
+            if (pos < 0 || pos >= max_positions) {
+                x[i] = x[i + half] = from_f32<T>(WB_NAN);
+                continue;
+            }
+            const float* cs = cos_sin + (i64)pos * head_dim;
+            const float c = cs[i], s = cs[half + i];
+            const float x1 = to_f32(x[i]), x2 = to_f32(x[i + half]);
+            x[i] = from_f32<T>(x1 * c - x2 * s);
+            x[i + half] = from_f32<T>(x2 * c + x1 * s);
+        }
+    }
+}
+
 #define WB_ROPE(T, S)                                                                           \
     extern "C" __global__ void rope_##S(T* q, T* k, const int* positions, const float* cos_sin, \
                                         int max_positions, int q_heads, int kv_heads,           \
                                         int head_dim) {                                         \
         rope_impl<T>(q, k, positions, cos_sin, max_positions, q_heads, kv_heads, head_dim);     \
+    }                                                                                           \
+    extern "C" __global__ void rope_v2_##S(T* q, T* k, const int* positions,                    \
+                                           const float* cos_sin, int max_positions, int tokens, \
+                                           int q_heads, int kv_heads, int head_dim) {           \
+        rope_v2_impl<T>(q, k, positions, cos_sin, max_positions, tokens, q_heads, kv_heads,     \
+                        head_dim);                                                              \
     }
 WB_FOR_EACH_DTYPE(WB_ROPE)

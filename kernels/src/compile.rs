@@ -24,10 +24,17 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Measurement helpers (random fills, the copy-kernel bandwidth ceiling):
+/// compiled and tested like the kernels, but not in the kernel registry.
+pub const UTIL_SOURCES: &[(&str, &str)] = &[("util", include_str!("../cuda/util.cu"))];
+
+fn all_sources() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    SOURCES.iter().chain(UTIL_SOURCES)
+}
+
 /// The full text NVRTC sees for `stem`: the shared header, then the source.
 pub fn full_source(stem: &str) -> Result<String> {
-    let (_, src) = SOURCES
-        .iter()
+    let (_, src) = all_sources()
         .find(|(s, _)| *s == stem)
         .ok_or_else(|| KernelError::UnknownSource(stem.to_string()))?;
     Ok(format!("{COMMON}\n#line 1 \"{stem}.cu\"\n{src}"))
@@ -116,7 +123,7 @@ mod tests {
 
     #[test]
     fn every_source_has_the_shared_header_first() {
-        for (stem, _) in SOURCES {
+        for (stem, _) in all_sources() {
             let full = full_source(stem).unwrap();
             assert!(full.starts_with("// common.cuh"));
             assert!(full.contains(&format!("#line 1 \"{stem}.cu\"")));

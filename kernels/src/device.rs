@@ -203,7 +203,7 @@ impl Gpu {
 
     /// Compile and load every embedded source now (first-use cost out of timings).
     pub fn warm_up_modules(&self) -> Result<()> {
-        for (stem, _) in compile::SOURCES {
+        for (stem, _) in compile::SOURCES.iter().chain(compile::UTIL_SOURCES) {
             self.module(stem)?;
         }
         Ok(())

@@ -34,9 +34,7 @@ pub enum KernelError {
         log: String,
     },
 
-    #[error(
-        "no kernel source named `{0}` (known: rmsnorm, silu_mul, rope, kv_store, paged_attention)"
-    )]
+    #[error("no kernel source named `{0}` in kernels::compile")]
     UnknownSource(String),
 
     /// A launcher argument has the wrong length or an impossible dimension.

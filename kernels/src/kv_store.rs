@@ -17,8 +17,13 @@ pub struct KvStoreDims {
     pub num_blocks: usize,
 }
 
+/// The variants, oldest first; the engine uses [`PRODUCTION`].
+pub const VARIANTS: &[&str] = &["v1", "v2"];
+pub const PRODUCTION: &str = "v2";
+
 /// k, v [tokens, kv_heads, head_dim] -> caches [num_blocks, block_size,
 /// kv_heads, head_dim] at slot_mapping [tokens] (i64; negative = skip).
+#[allow(clippy::too_many_arguments)]
 pub fn kv_store<T: Storage>(
     gpu: &Gpu,
     k_cache: &mut CudaViewMut<T>,
@@ -27,6 +32,7 @@ pub fn kv_store<T: Storage>(
     v: &CudaView<T>,
     slot_mapping: &CudaView<i64>,
     d: KvStoreDims,
+    variant: &str,
 ) -> Result<()> {
     dim_i32(OP, "kv_heads", d.kv_heads)?;
     dim_i32(OP, "head_dim", d.head_dim)?;
@@ -49,28 +55,58 @@ pub fn kv_store<T: Storage>(
         v_cache.len(),
         cache,
     )?;
+    if !VARIANTS.contains(&variant) {
+        return Err(crate::KernelError::Unsupported {
+            op: OP,
+            what: format!("variant `{variant}` (known: {})", VARIANTS.join(", ")),
+        });
+    }
     if d.tokens == 0 {
         return Ok(());
     }
-    let f = typed_function::<T>(gpu, "kv_store", "kv_store")?;
     let num_slots = (d.num_blocks * d.block_size) as i64;
     let vec = 16 / std::mem::size_of::<T>();
-    // SAFETY: lengths checked above; the kernel skips slots outside [0, num_slots).
+    let stream = gpu.stream();
+    // SAFETY: lengths checked above; the kernels skip slots outside
+    // [0, num_slots); v2's grid-stride loop stops at tokens * row.
     unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(k)
-            .arg(v)
-            .arg(slot_mapping)
-            .arg(&num_slots)
-            .arg(&row)
-            .launch(cfg(
-                (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
-                threads_for((row as usize).div_ceil(vec), 256),
-            ))
+        if variant == "v1" {
+            let f = typed_function::<T>(gpu, "kv_store", "kv_store")?;
+            stream
+                .launch_builder(&f)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(k)
+                .arg(v)
+                .arg(slot_mapping)
+                .arg(&num_slots)
+                .arg(&row)
+                .launch(cfg(
+                    (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+                    threads_for((row as usize).div_ceil(vec), 256),
+                ))
+        } else {
+            let f = typed_function::<T>(gpu, "kv_store", "kv_store_v2")?;
+            let work = (d.tokens * row as usize).div_ceil(vec);
+            let blocks = work
+                .div_ceil(256)
+                .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+            let tokens = d.tokens as i64;
+            stream
+                .launch_builder(&f)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(k)
+                .arg(v)
+                .arg(slot_mapping)
+                .arg(&num_slots)
+                .arg(&tokens)
+                .arg(&row)
+                .launch(cfg((blocks, 1, 1), 256))
+        }
     }
-    .map_err(crate::KernelError::driver("launch kv_store"))?;
+    .map_err(crate::KernelError::driver(format!(
+        "launch kv_store {variant}"
+    )))?;
     Ok(())
 }

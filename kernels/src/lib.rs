@@ -20,6 +20,8 @@ pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod silu_mul;
+pub mod timing;
+pub mod util;
 
 pub use cudarc;
 pub use device::{DeviceInfo, Gpu};

@@ -63,6 +63,10 @@ pub struct RopeDims {
     pub head_dim: usize,
 }
 
+/// The variants, oldest first; the engine uses [`PRODUCTION`].
+pub const VARIANTS: &[&str] = &["v1", "v2"];
+pub const PRODUCTION: &str = "v2";
+
 /// Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in
 /// place at positions [tokens]. A position outside the table turns that
 /// token's q and k into NaN (see rope.cu).
@@ -73,6 +77,7 @@ pub fn rope<T: Storage>(
     positions: &CudaView<i32>,
     table: &RopeTable,
     d: RopeDims,
+    variant: &str,
 ) -> Result<()> {
     if table.head_dim != d.head_dim {
         return Err(KernelError::shape(
@@ -98,31 +103,63 @@ pub fn rope<T: Storage>(
         d.tokens * d.kv_heads * d.head_dim,
     )?;
     check_len(OP, "positions [tokens]", positions.len(), d.tokens)?;
+    if !VARIANTS.contains(&variant) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("variant `{variant}` (known: {})", VARIANTS.join(", ")),
+        });
+    }
     if d.tokens == 0 {
         return Ok(());
     }
-    let f = typed_function::<T>(gpu, "rope", "rope")?;
+    let tokens = i32::try_from(d.tokens)
+        .map_err(|_| KernelError::shape(OP, "tokens", "<= 2^31 - 1", d.tokens))?;
     let pairs = (d.q_heads + d.kv_heads) * d.head_dim / 2;
     let max_pos = table.max_positions as i32;
+    let stream = gpu.stream();
     // SAFETY: q, k and positions have the lengths checked above; positions are
-    // range-checked on the device against max_pos before the table is read.
+    // range-checked on the device against max_pos before the table is read;
+    // v2's grid-stride loop stops at tokens * heads * pairs.
     unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(q)
-            .arg(k)
-            .arg(positions)
-            .arg(&table.data)
-            .arg(&max_pos)
-            .arg(&q_heads)
-            .arg(&kv_heads)
-            .arg(&head_dim)
-            .launch(cfg(
+        if variant == "v1" {
+            let f = typed_function::<T>(gpu, "rope", "rope")?;
+            let c = cfg(
                 (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
                 threads_for(pairs, 512),
-            ))
+            );
+            stream
+                .launch_builder(&f)
+                .arg(q)
+                .arg(k)
+                .arg(positions)
+                .arg(&table.data)
+                .arg(&max_pos)
+                .arg(&q_heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .launch(c)
+        } else {
+            let f = typed_function::<T>(gpu, "rope", "rope_v2")?;
+            let vec = 16 / std::mem::size_of::<T>();
+            let work = (d.tokens * pairs).div_ceil(vec);
+            let blocks = work
+                .div_ceil(256)
+                .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+            stream
+                .launch_builder(&f)
+                .arg(q)
+                .arg(k)
+                .arg(positions)
+                .arg(&table.data)
+                .arg(&max_pos)
+                .arg(&tokens)
+                .arg(&q_heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .launch(cfg((blocks, 1, 1), 256))
+        }
     }
-    .map_err(KernelError::driver("launch rope"))?;
+    .map_err(KernelError::driver(format!("launch rope {variant}")))?;
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! the PyPI wheels (`.ci/test`). Without them this test fails and says so; it
 //! never passes by skipping.
 
-use kernels::compile::{compile, cuda_include_dir, require_nvrtc, SOURCES};
+use kernels::compile::{compile, cuda_include_dir, require_nvrtc, SOURCES, UTIL_SOURCES};
 
 fn setup() {
     if let Err(e) = require_nvrtc().and_then(|_| cuda_include_dir().map(|_| ())) {
@@ -15,7 +15,7 @@ fn setup() {
 fn every_kernel_compiles_for_sm90a_and_sm80() {
     setup();
     let mut failures = Vec::new();
-    for (stem, _) in SOURCES {
+    for (stem, _) in SOURCES.iter().chain(UTIL_SOURCES) {
         for arch in ["sm_90a", "sm_80"] {
             match compile(stem, arch, &[]) {
                 Ok(ptx) => assert!(

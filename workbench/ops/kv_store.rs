@@ -14,9 +14,14 @@ use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
-use crate::op::{finish, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant};
+use crate::op::{
+    finish, rand_buf, static_variant, to_storage, upload, Bench, Expect, Op, RunError, Sabotage,
+    Stored, Variant,
+};
 use crate::shapes::{self, flat, view3};
+use cudarc::driver::CudaSlice;
 use kernels::kv_store::KvStoreDims;
+use kernels::KernelError;
 use kernels::{DType, Gpu};
 use ndarray::Array4;
 use rand::rngs::SmallRng;
@@ -25,11 +30,18 @@ use rand::Rng;
 
 pub struct KvStore;
 
-const VARIANTS: &[Variant] = &[Variant {
-    name: "v1",
-    note: "one block per token, 16-byte vector copies",
-    production: true,
-}];
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "v1",
+        note: "one block per token, 16-byte vector copies",
+        production: false,
+    },
+    Variant {
+        name: "v2",
+        note: "one grid-stride loop over (token, 16-byte vector): every thread busy on small rows",
+        production: true,
+    },
+];
 
 const LARGE: f64 = 3.0e4;
 
@@ -159,6 +171,18 @@ impl Op for KvStore {
         Ok(0)
     }
 
+    fn bench(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sets: usize,
+    ) -> Result<Box<dyn Bench>, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
+    }
+
     fn run(
         &self,
         gpu: &Gpu,
@@ -168,7 +192,10 @@ impl Op for KvStore {
         sabotage: Sabotage,
     ) -> Result<Metrics, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+        by_dtype!(
+            dtype,
+            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+        )
     }
 }
 
@@ -177,6 +204,7 @@ fn run_t<T: Stored>(
     case: &Case,
     sabotage: Sabotage,
     tol: Tolerance,
+    variant: &str,
 ) -> Result<Metrics, RunError> {
     let p = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
@@ -237,6 +265,7 @@ fn run_t<T: Stored>(
             &gv.view(rows * row),
             &gslots.view(rows),
             d,
+            variant,
         )?;
     }
     let shape = vec![num_blocks, p.block_size, p.kv_heads, p.head_dim];
@@ -255,4 +284,74 @@ fn run_t<T: Stored>(
         },
     ];
     finish(gpu, sabotage, outputs, &[&gk, &gv, &gslots], tol)
+}
+
+struct KvBench<T> {
+    /// Per set: k, v, k_cache, v_cache, slot_mapping.
+    sets: Vec<([CudaSlice<T>; 4], CudaSlice<i64>)>,
+    d: KvStoreDims,
+    variant: &'static str,
+}
+
+impl<T: Stored> Bench for KvBench<T> {
+    fn launch(&mut self, gpu: &Gpu, set: usize) -> Result<(), KernelError> {
+        let d = self.d;
+        let n = d.tokens * d.kv_heads * d.head_dim;
+        let c = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
+        let ([k, v, kc, vc], slots) = &mut self.sets[set];
+        kernels::kv_store::kv_store(
+            gpu,
+            &mut kc.slice_mut(0..c),
+            &mut vc.slice_mut(0..c),
+            &k.slice(0..n),
+            &v.slice(0..n),
+            &slots.slice(0..d.tokens),
+            d,
+            self.variant,
+        )
+    }
+}
+
+fn bench_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sets: usize,
+    variant: &str,
+) -> Result<Box<dyn Bench>, RunError> {
+    use rand::SeedableRng;
+    let p = params(case)?;
+    let mut rng = SmallRng::seed_from_u64(19);
+    let num_blocks = p.num_blocks();
+    let d = KvStoreDims {
+        tokens: p.tokens,
+        kv_heads: p.kv_heads,
+        head_dim: p.head_dim,
+        block_size: p.block_size,
+        num_blocks,
+    };
+    let (n, c) = (
+        p.tokens * p.kv_heads * p.head_dim,
+        num_blocks * p.block_size * p.kv_heads * p.head_dim,
+    );
+    let sets = (0..sets as u64)
+        .map(|s| -> Result<_, KernelError> {
+            let mut pool: Vec<i64> = (0..(num_blocks * p.block_size) as i64).collect();
+            pool.shuffle(&mut rng);
+            pool.truncate(p.tokens);
+            Ok((
+                [
+                    rand_buf::<T>(gpu, n, 4 * s, -1.0, 1.0)?,
+                    rand_buf(gpu, n, 4 * s + 1, -1.0, 1.0)?,
+                    rand_buf(gpu, c, 4 * s + 2, -1.0, 1.0)?,
+                    rand_buf(gpu, c, 4 * s + 3, -1.0, 1.0)?,
+                ],
+                upload(gpu, &pool)?,
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Box::new(KvBench {
+        sets,
+        d,
+        variant: static_variant(variant),
+    }))
 }

@@ -18,10 +18,13 @@ use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::par_rows;
 use crate::op::{
-    finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
+    finish, rand_buf, rounded_once, to_storage, upload, Bench, Expect, Op, RunError, Sabotage,
+    Stored, Variant,
 };
 use crate::shapes::{flat, view3, view4};
+use cudarc::driver::CudaSlice;
 use kernels::paged_attention::PagedAttentionDims;
+use kernels::KernelError;
 use kernels::{DType, Gpu};
 use ndarray::ArrayView2;
 use rand::rngs::SmallRng;
@@ -231,6 +234,18 @@ impl Op for PagedAttention {
         Ok(4 * (p.batch * p.q_heads * p.ctx * p.head_dim) as u64)
     }
 
+    fn bench(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sets: usize,
+    ) -> Result<Box<dyn Bench>, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, bench_t(gpu, case, sets))
+    }
+
     fn run(
         &self,
         gpu: &Gpu,
@@ -401,4 +416,68 @@ fn run_t<T: Stored>(
 /// Work per sequence in elements, so `par_rows` makes chunks of similar cost.
 fn ctx_work(p: Params) -> usize {
     p.q_heads * p.ctx.max(1) * p.head_dim
+}
+
+struct PaBench<T> {
+    /// Per set: q, out, k_cache, v_cache; block tables; context lengths.
+    sets: Vec<([CudaSlice<T>; 4], CudaSlice<i32>, CudaSlice<i32>)>,
+    d: PagedAttentionDims,
+}
+
+impl<T: Stored> Bench for PaBench<T> {
+    fn launch(&mut self, gpu: &Gpu, set: usize) -> Result<(), KernelError> {
+        let d = self.d;
+        let qn = d.batch * d.q_heads * d.head_dim;
+        let c = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
+        let ([q, out, kc, vc], tables, lens) = &mut self.sets[set];
+        kernels::paged_attention::paged_attention(
+            gpu,
+            &mut out.slice_mut(0..qn),
+            &q.slice(0..qn),
+            &kc.slice(0..c),
+            &vc.slice(0..c),
+            &tables.slice(0..d.batch * d.max_blocks_per_seq),
+            &lens.slice(0..d.batch),
+            d,
+        )
+    }
+}
+
+/// Every sequence holds `ctx` tokens (perf cases are not ragged); block tables
+/// are a random permutation of the pool.
+fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Bench>, RunError> {
+    use rand::SeedableRng;
+    let p = params(case)?;
+    let mut rng = SmallRng::seed_from_u64(23);
+    let (mbps, nb) = (p.max_blocks_per_seq(), p.num_blocks());
+    let d = PagedAttentionDims {
+        batch: p.batch,
+        q_heads: p.q_heads,
+        kv_heads: p.kv_heads,
+        head_dim: p.head_dim,
+        block_size: p.block_size,
+        num_blocks: nb,
+        max_blocks_per_seq: mbps,
+        scale: 1.0 / (p.head_dim as f32).sqrt(),
+    };
+    let qn = p.batch * p.q_heads * p.head_dim;
+    let c = nb * p.block_size * p.kv_heads * p.head_dim;
+    let sets = (0..sets as u64)
+        .map(|s| -> Result<_, KernelError> {
+            let mut perm: Vec<i32> = (0..nb as i32).collect();
+            perm.shuffle(&mut rng);
+            let tables: Vec<i32> = perm.into_iter().take(p.batch * mbps).collect();
+            Ok((
+                [
+                    rand_buf::<T>(gpu, qn, 4 * s, -1.0, 1.0)?,
+                    rand_buf(gpu, qn, 4 * s + 1, -1.0, 1.0)?,
+                    rand_buf(gpu, c, 4 * s + 2, -1.0, 1.0)?,
+                    rand_buf(gpu, c, 4 * s + 3, -1.0, 1.0)?,
+                ],
+                upload(gpu, &tables)?,
+                upload(gpu, &vec![p.ctx as i32; p.batch])?,
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Box::new(PaBench { sets, d }))
 }

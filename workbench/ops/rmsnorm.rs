@@ -9,11 +9,14 @@ use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::par_rows;
 use crate::op::{
-    finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
+    finish, rand_buf, rounded_once, static_variant, to_storage, Bench, Expect, Op, RunError,
+    Sabotage, Stored, Variant,
 };
 use crate::shapes::{flat, view2};
 use crate::{by_dtype, shapes};
+use cudarc::driver::CudaSlice;
 use kernels::rmsnorm::{fused_add_rmsnorm, rmsnorm, RmsNormDims};
+use kernels::KernelError;
 use kernels::{DType, Gpu};
 use ndarray::ArrayView1;
 use rand::rngs::SmallRng;
@@ -24,6 +27,11 @@ pub struct RmsNorm;
 const VARIANTS: &[Variant] = &[Variant {
     name: "v1",
     note: "one block per row, two passes, 16-byte vectors when rows are aligned",
+    production: false,
+},
+Variant {
+    name: "v2",
+    note: "one warp per row, 4 rows per block, row kept in registers (one read of x/residual), no block barriers; rows over 4096 bf16 use v1",
     production: true,
 }];
 
@@ -139,6 +147,18 @@ impl Op for RmsNorm {
         Ok(n * if p.residual { 5 } else { 4 })
     }
 
+    fn bench(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sets: usize,
+    ) -> Result<Box<dyn Bench>, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
+    }
+
     fn run(
         &self,
         gpu: &Gpu,
@@ -148,7 +168,10 @@ impl Op for RmsNorm {
         sabotage: Sabotage,
     ) -> Result<Metrics, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+        by_dtype!(
+            dtype,
+            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+        )
     }
 }
 
@@ -157,6 +180,7 @@ fn run_t<T: Stored>(
     case: &Case,
     sabotage: Sabotage,
     tol: Tolerance,
+    variant: &str,
 ) -> Result<Metrics, RunError> {
     let p = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
@@ -216,8 +240,16 @@ fn run_t<T: Stored>(
                 &gx.view(m),
                 &gw.full(),
                 d,
+                variant,
             )?,
-            None => rmsnorm(gpu, &mut gout.view_mut(m), &gx.view(m), &gw.full(), d)?,
+            None => rmsnorm(
+                gpu,
+                &mut gout.view_mut(m),
+                &gx.view(m),
+                &gw.full(),
+                d,
+                variant,
+            )?,
         }
     }
     let shape = vec![p.tokens, p.hidden];
@@ -236,4 +268,71 @@ fn run_t<T: Stored>(
         });
     }
     finish(gpu, sabotage, outputs, &[&gx, &gw], tol)
+}
+
+struct RmsBench<T> {
+    /// Per set: x, residual, out, each [tokens, hidden].
+    sets: Vec<[CudaSlice<T>; 3]>,
+    weight: CudaSlice<T>,
+    d: RmsNormDims,
+    residual: bool,
+    variant: &'static str,
+}
+
+impl<T: Stored> Bench for RmsBench<T> {
+    fn launch(&mut self, gpu: &Gpu, set: usize) -> Result<(), KernelError> {
+        let n = self.d.tokens * self.d.hidden;
+        let [x, r, o] = &mut self.sets[set];
+        let w = self.weight.slice(0..self.d.hidden);
+        if self.residual {
+            fused_add_rmsnorm(
+                gpu,
+                &mut o.slice_mut(0..n),
+                &mut r.slice_mut(0..n),
+                &x.slice(0..n),
+                &w,
+                self.d,
+                self.variant,
+            )
+        } else {
+            rmsnorm(
+                gpu,
+                &mut o.slice_mut(0..n),
+                &x.slice(0..n),
+                &w,
+                self.d,
+                self.variant,
+            )
+        }
+    }
+}
+
+fn bench_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sets: usize,
+    variant: &str,
+) -> Result<Box<dyn Bench>, RunError> {
+    let p = params(case)?;
+    let n = p.tokens * p.hidden;
+    let sets = (0..sets as u64)
+        .map(|s| -> Result<[CudaSlice<T>; 3], KernelError> {
+            Ok([
+                rand_buf(gpu, n, 3 * s, -1.0, 1.0)?,
+                rand_buf(gpu, n, 3 * s + 1, -1.0, 1.0)?,
+                rand_buf(gpu, n, 3 * s + 2, -1.0, 1.0)?,
+            ])
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Box::new(RmsBench {
+        sets,
+        weight: rand_buf(gpu, p.hidden, 999, 0.5, 1.5)?,
+        d: RmsNormDims {
+            tokens: p.tokens,
+            hidden: p.hidden,
+            eps: p.eps as f32,
+        },
+        residual: p.residual,
+        variant: static_variant(variant),
+    }))
 }

@@ -11,10 +11,13 @@ use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::par_rows;
 use crate::op::{
-    finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
+    finish, rand_buf, rounded_once, static_variant, to_storage, upload, Bench, Expect, Op,
+    RunError, Sabotage, Stored, Variant,
 };
 use crate::shapes::{self, flat, view3};
+use cudarc::driver::CudaSlice;
 use kernels::rope::{RopeDims, RopeTable};
+use kernels::KernelError;
 use kernels::{DType, Gpu};
 use rand::rngs::SmallRng;
 use rand::seq::IndexedRandom;
@@ -25,6 +28,11 @@ pub struct Rope;
 const VARIANTS: &[Variant] = &[Variant {
     name: "v1",
     note: "one block per token, f32 cos/sin table, scalar pairs",
+    production: false,
+},
+Variant {
+    name: "v2",
+    note: "grid-stride over (token, head, 16-byte chunk): 16-byte loads of both halves and float4 cos/sin",
     production: true,
 }];
 
@@ -162,6 +170,18 @@ impl Op for Rope {
         Ok((p.tokens * (p.q_heads + p.kv_heads) * p.head_dim) as u64 * 3)
     }
 
+    fn bench(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sets: usize,
+    ) -> Result<Box<dyn Bench>, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
+    }
+
     fn run(
         &self,
         gpu: &Gpu,
@@ -171,7 +191,10 @@ impl Op for Rope {
         sabotage: Sabotage,
     ) -> Result<Metrics, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+        by_dtype!(
+            dtype,
+            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+        )
     }
 }
 
@@ -180,6 +203,7 @@ fn run_t<T: Stored>(
     case: &Case,
     sabotage: Sabotage,
     tol: Tolerance,
+    variant: &str,
 ) -> Result<Metrics, RunError> {
     let p = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
@@ -228,6 +252,7 @@ fn run_t<T: Stored>(
             &gpos.view(rows),
             &table,
             d,
+            variant,
         )?;
     }
     let outputs = vec![
@@ -259,4 +284,69 @@ fn pair_norms(x: &[f64], head_dim: usize) -> Vec<f64> {
         }
     }
     out
+}
+
+struct RopeBench<T> {
+    /// Per set: q, k (rotated in place) and positions.
+    sets: Vec<(CudaSlice<T>, CudaSlice<T>, CudaSlice<i32>)>,
+    table: RopeTable,
+    d: RopeDims,
+    variant: &'static str,
+}
+
+impl<T: Stored> Bench for RopeBench<T> {
+    fn launch(&mut self, gpu: &Gpu, set: usize) -> Result<(), KernelError> {
+        let d = self.d;
+        let (q, k, pos) = &mut self.sets[set];
+        kernels::rope::rope(
+            gpu,
+            &mut q.slice_mut(0..d.tokens * d.q_heads * d.head_dim),
+            &mut k.slice_mut(0..d.tokens * d.kv_heads * d.head_dim),
+            &pos.slice(0..d.tokens),
+            &self.table,
+            d,
+            self.variant,
+        )
+    }
+}
+
+fn bench_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sets: usize,
+    variant: &str,
+) -> Result<Box<dyn Bench>, RunError> {
+    use rand::SeedableRng;
+    let p = params(case)?;
+    let mut rng = SmallRng::seed_from_u64(17);
+    let d = RopeDims {
+        tokens: p.tokens,
+        q_heads: p.q_heads,
+        kv_heads: p.kv_heads,
+        head_dim: p.head_dim,
+    };
+    let sets = (0..sets as u64)
+        .map(|s| -> Result<_, KernelError> {
+            let pos: Vec<i32> = (0..p.tokens)
+                .map(|_| rng.random_range(0..p.max_pos) as i32)
+                .collect();
+            Ok((
+                rand_buf::<T>(gpu, p.tokens * p.q_heads * p.head_dim, 2 * s, -1.0, 1.0)?,
+                rand_buf(
+                    gpu,
+                    p.tokens * p.kv_heads * p.head_dim,
+                    2 * s + 1,
+                    -1.0,
+                    1.0,
+                )?,
+                upload(gpu, &pos)?,
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Box::new(RopeBench {
+        sets,
+        table: RopeTable::new(gpu, p.max_pos, p.head_dim, p.theta)?,
+        d,
+        variant: static_variant(variant),
+    }))
 }

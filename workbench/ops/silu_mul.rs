@@ -8,9 +8,12 @@ use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::{
-    finish, rounded_once, to_storage, Expect, Op, RunError, Sabotage, Stored, Variant,
+    finish, rand_buf, rounded_once, to_storage, Bench, Expect, Op, RunError, Sabotage, Stored,
+    Variant,
 };
 use crate::shapes::{self, flat, view2};
+use cudarc::driver::CudaSlice;
+use kernels::KernelError;
 use kernels::{DType, Gpu};
 use rand::rngs::SmallRng;
 use rand::seq::IndexedRandom;
@@ -103,6 +106,18 @@ impl Op for SiluMul {
         Ok((t * i) as u64 * 4)
     }
 
+    fn bench(
+        &self,
+        gpu: &Gpu,
+        case: &Case,
+        dtype: DType,
+        variant: &str,
+        sets: usize,
+    ) -> Result<Box<dyn Bench>, RunError> {
+        self.require_variant(variant)?;
+        by_dtype!(dtype, bench_t(gpu, case, sets))
+    }
+
     fn run(
         &self,
         gpu: &Gpu,
@@ -150,4 +165,42 @@ fn run_t<T: Stored>(
         scale: None,
     }];
     finish(gpu, sabotage, outputs, &[&gin], tol)
+}
+
+struct SiluBench<T> {
+    /// Per set: input [tokens, 2I], out [tokens, I].
+    sets: Vec<[CudaSlice<T>; 2]>,
+    tokens: usize,
+    inter: usize,
+}
+
+impl<T: Stored> Bench for SiluBench<T> {
+    fn launch(&mut self, gpu: &Gpu, set: usize) -> Result<(), KernelError> {
+        let (t, i) = (self.tokens, self.inter);
+        let [input, out] = &mut self.sets[set];
+        kernels::silu_mul::silu_mul(
+            gpu,
+            &mut out.slice_mut(0..t * i),
+            &input.slice(0..2 * t * i),
+            t,
+            i,
+        )
+    }
+}
+
+fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Bench>, RunError> {
+    let (tokens, inter) = params(case)?;
+    let sets = (0..sets as u64)
+        .map(|s| -> Result<[CudaSlice<T>; 2], KernelError> {
+            Ok([
+                rand_buf(gpu, 2 * tokens * inter, 2 * s, -4.0, 4.0)?,
+                rand_buf(gpu, tokens * inter, 2 * s + 1, -1.0, 1.0)?,
+            ])
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Box::new(SiluBench {
+        sets,
+        tokens,
+        inter,
+    }))
 }

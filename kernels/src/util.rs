@@ -1,0 +1,69 @@
+//! Launchers for `cuda/util.cu`: random fills for perf inputs and the copy
+//! kernel that is one of the two measured bandwidth ceilings.
+
+use crate::device::Gpu;
+use crate::dtype::Storage;
+use crate::error::{KernelError, Result};
+use crate::launch::{cfg, typed_function};
+use cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
+
+/// Fill `out` with uniform values in [lo, hi) from a hash of (seed, index).
+pub fn fill_random<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    seed: u64,
+    lo: f32,
+    hi: f32,
+) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let f = typed_function::<T>(gpu, "util", "fill_random")?;
+    let n = out.len() as i64;
+    let blocks = (out.len().div_ceil(256)).min(gpu.info().sm_count.max(1) as usize * 16) as u32;
+    // SAFETY: the kernel writes exactly n = out.len() elements (grid-stride, i < n).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(out)
+            .arg(&n)
+            .arg(&seed)
+            .arg(&lo)
+            .arg(&hi)
+            .launch(cfg((blocks, 1, 1), 256))
+    }
+    .map_err(KernelError::driver("launch fill_random"))?;
+    Ok(())
+}
+
+/// dst <- src with the 16-byte copy kernel on `blocks` x `threads`.
+/// Both buffers hold 16-byte words (`[u32; 4]`).
+pub fn copy_vec16(
+    gpu: &Gpu,
+    dst: &mut CudaSlice<[u32; 4]>,
+    src: &CudaSlice<[u32; 4]>,
+    blocks: u32,
+    threads: u32,
+) -> Result<()> {
+    if dst.len() != src.len() {
+        return Err(KernelError::Shape {
+            op: "copy_vec16",
+            arg: "dst",
+            expected: format!("{} words", src.len()),
+            actual: format!("{} words", dst.len()),
+        });
+    }
+    let f = gpu.function("util", "copy_vec16")?;
+    let n = src.len() as i64;
+    // SAFETY: both buffers hold n 16-byte words (checked); the kernel stays below n.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(dst)
+            .arg(src)
+            .arg(&n)
+            .launch(cfg((blocks, 1, 1), threads))
+    }
+    .map_err(KernelError::driver("launch copy_vec16"))?;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! `workbench roofline`: every perf case checked against its reference, then
+//! timed through the one timing path ([`kernels::timing`]), against the
+//! ceilings measured on the same card in the same run, with peers' CSVs
+//! (benches/peers/) merged in. Writes roofline.csv, ceilings.csv, SETUP.md,
+//! roofline.md and the plots.
+
+use crate::case::Case;
+use crate::ceilings::Ceilings;
+use crate::op::{Op, Sabotage};
+use crate::registry;
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kernels::timing::{rotation_sets, time_launches, TimingOpts};
+use kernels::{DType, Gpu};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Input sets are capped so small cases don't allocate without bound.
+const MAX_SETS: usize = 64;
+
+/// One row of roofline.csv (the schema peers write too).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PerfRow {
+    pub kernel: String,
+    pub variant: String,
+    pub case: String,
+    pub dtype: String,
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Median µs per call; "FAIL" when the case failed its check.
+    pub us: String,
+    pub bytes: u64,
+    pub flops: u64,
+    pub gb_per_s: String,
+    pub tflop_per_s: String,
+    pub pct_of_ceiling: String,
+    #[serde(skip)]
+    pub spread: Option<(f64, f64)>,
+}
+
+impl PerfRow {
+    pub fn us(&self) -> Option<f64> {
+        self.us
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite() && *v > 0.0)
+    }
+
+    /// Fill the derived columns from `us` and the ceilings.
+    pub fn derive(&mut self, c: &Ceilings) {
+        if let Some(us) = self.us() {
+            let gbs = self.bytes as f64 / us / 1e3;
+            let tfs = self.flops as f64 / us / 1e6;
+            self.gb_per_s = format!("{gbs:.1}");
+            self.tflop_per_s = format!("{tfs:.4}");
+            // Share of the roofline bound at this intensity.
+            let pct = (gbs / c.gb_per_s).max(tfs / c.tflop_per_s) * 100.0;
+            self.pct_of_ceiling = format!("{pct:.1}");
+        }
+    }
+}
+
+/// One (kernel, variant, case) of ours: checked, then timed.
+pub struct Job {
+    pub op: &'static dyn Op,
+    pub variant: &'static str,
+    pub case: Case,
+    pub dtype: DType,
+}
+
+pub fn plan(kernels: &[String], dtype: DType) -> anyhow::Result<Vec<Job>> {
+    let ops: Vec<&'static dyn Op> = if kernels.is_empty() || kernels.iter().any(|k| k == "all") {
+        registry::OPS.to_vec()
+    } else {
+        kernels
+            .iter()
+            .map(|k| {
+                registry::find(k).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown kernel `{k}` (known: {}; or `all`)",
+                        registry::names().join(", ")
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let mut jobs = Vec::new();
+    for op in ops {
+        for v in op.variants() {
+            for case in op.perf_cases() {
+                jobs.push(Job {
+                    op,
+                    variant: v.name,
+                    case,
+                    dtype,
+                });
+            }
+        }
+    }
+    Ok(jobs)
+}
+
+/// The cases as JSON for the peer scripts: same case strings, same byte model.
+pub fn emit_cases(jobs: &[Job], l2_bytes: u64, path: &Path) -> anyhow::Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let cases: Vec<serde_json::Value> = jobs
+        .iter()
+        .filter(|j| seen.insert((j.op.name(), j.case.to_string())))
+        .map(|j| -> anyhow::Result<serde_json::Value> {
+            let params: BTreeMap<&str, &str> = j
+                .case
+                .keys()
+                .map(|k| (k, j.case.get(k).unwrap_or("")))
+                .collect();
+            Ok(serde_json::json!({
+                "kernel": j.op.name(),
+                "case": j.case.to_string(),
+                "dtype": j.dtype.to_string(),
+                "params": params,
+                "bytes": j.op.bytes_moved(&j.case, j.dtype)?,
+                "flops": j.op.flops(&j.case)?,
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let doc = serde_json::json!({ "l2_bytes": l2_bytes, "cases": cases });
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Check each job, then time it. A failed check gives a FAIL row, never a time.
+pub fn run(
+    gpu: &Gpu,
+    jobs: &[Job],
+    ceilings: &Ceilings,
+    opts: TimingOpts,
+) -> anyhow::Result<Vec<PerfRow>> {
+    let bar = ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let l2 = gpu.info().l2_bytes.max(0) as u64;
+    let mut rows = Vec::new();
+    for j in jobs {
+        bar.set_message(format!("{} {}", j.op.name(), j.case));
+        let bytes = j.op.bytes_moved(&j.case, j.dtype)?;
+        let mut row = PerfRow {
+            kernel: j.op.name().into(),
+            variant: j.variant.into(),
+            case: j.case.to_string(),
+            dtype: j.dtype.to_string(),
+            implementation: "ours".into(),
+            us: "FAIL".into(),
+            bytes,
+            flops: j.op.flops(&j.case)?,
+            gb_per_s: String::new(),
+            tflop_per_s: String::new(),
+            pct_of_ceiling: String::new(),
+            spread: None,
+        };
+        let m =
+            j.op.run(gpu, &j.case, j.dtype, j.variant, Sabotage::None)
+                .with_context(|| format!("checking {} {}", j.op.name(), j.case))?;
+        if m.pass() {
+            let sets = rotation_sets(bytes, l2, MAX_SETS);
+            let mut bench = j.op.bench(gpu, &j.case, j.dtype, j.variant, sets)?;
+            let t = time_launches(gpu, sets, |s| bench.launch(gpu, s), opts)
+                .with_context(|| format!("timing {} {}", j.op.name(), j.case))?;
+            row.us = format!("{:.3}", t.median_us);
+            row.spread = Some((t.p10_us, t.p90_us));
+            row.derive(ceilings);
+        }
+        let line = format!(
+            "{:<16} {:<4} {:<60} {:>10} us {:>8} GB/s {:>6}%",
+            row.kernel, row.variant, row.case, row.us, row.gb_per_s, row.pct_of_ceiling
+        );
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+        rows.push(row);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(rows)
+}
+
+/// Read peers' CSVs (same schema) and derive their columns with our ceilings.
+pub fn read_peers(
+    paths: &[std::path::PathBuf],
+    ceilings: &Ceilings,
+) -> anyhow::Result<Vec<PerfRow>> {
+    let mut rows = Vec::new();
+    for p in paths {
+        let mut r = csv::Reader::from_path(p)
+            .with_context(|| format!("reading peers file {}", p.display()))?;
+        for rec in r.deserialize::<PerfRow>() {
+            let mut row = rec.with_context(|| {
+                format!(
+                    "{}: a row does not match the roofline.csv schema",
+                    p.display()
+                )
+            })?;
+            row.derive(ceilings);
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+pub fn write_csv(rows: &[PerfRow], path: &Path) -> anyhow::Result<()> {
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    for r in rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+pub fn write_ceilings(c: &Ceilings, path: &Path) -> anyhow::Result<()> {
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    for r in &c.rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// One kernel's comparison in one case: ours against every peer.
+pub struct Verdict<'a> {
+    pub ours: &'a PerfRow,
+    pub peers: Vec<&'a PerfRow>,
+}
+
+impl Verdict<'_> {
+    pub fn fastest_peer(&self) -> Option<&PerfRow> {
+        self.peers
+            .iter()
+            .copied()
+            .filter(|p| p.us().is_some())
+            .min_by(|a, b| {
+                a.us()
+                    .unwrap_or(f64::MAX)
+                    .total_cmp(&b.us().unwrap_or(f64::MAX))
+            })
+    }
+
+    /// "faster", "tie" (the peer's median inside our p10-p90), "slower", or "FAIL".
+    pub fn outcome(&self) -> &'static str {
+        let Some(ours) = self.ours.us() else {
+            return "FAIL";
+        };
+        let Some(peer) = self.fastest_peer().and_then(|p| p.us()) else {
+            return "no peer";
+        };
+        let (lo, hi) = self.ours.spread.unwrap_or((ours, ours));
+        if peer >= lo && peer <= hi {
+            "tie"
+        } else if ours < peer {
+            "faster"
+        } else {
+            "slower"
+        }
+    }
+}
+
+/// Group peer rows under our rows by (kernel, case, dtype).
+pub fn verdicts<'a>(ours: &'a [PerfRow], peers: &'a [PerfRow]) -> Vec<Verdict<'a>> {
+    ours.iter()
+        .map(|o| Verdict {
+            ours: o,
+            peers: peers
+                .iter()
+                .filter(|p| p.kernel == o.kernel && p.case == o.case && p.dtype == o.dtype)
+                .collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ceilings::Ceilings;
+
+    fn row(implementation: &str, us: &str) -> PerfRow {
+        PerfRow {
+            kernel: "rmsnorm".into(),
+            variant: "v1".into(),
+            case: "tokens=1,hidden=896,residual=1".into(),
+            dtype: "bf16".into(),
+            implementation: implementation.into(),
+            us: us.into(),
+            bytes: 3_000_000,
+            flops: 1000,
+            gb_per_s: String::new(),
+            tflop_per_s: String::new(),
+            pct_of_ceiling: String::new(),
+            spread: None,
+        }
+    }
+
+    #[test]
+    fn derive_and_verdicts() {
+        let c = Ceilings {
+            gb_per_s: 3000.0,
+            tflop_per_s: 800.0,
+            rows: vec![],
+        };
+        let mut ours = row("ours", "1.000");
+        ours.derive(&c);
+        assert_eq!(ours.gb_per_s, "3000.0");
+        assert_eq!(ours.pct_of_ceiling, "100.0");
+        ours.spread = Some((0.95, 1.05));
+        let peers = vec![row("flashinfer", "1.02"), row("torch_eager", "5")];
+        let v = verdicts(std::slice::from_ref(&ours), &peers);
+        assert_eq!(v[0].fastest_peer().unwrap().implementation, "flashinfer");
+        assert_eq!(v[0].outcome(), "tie");
+        let peers = vec![row("flashinfer", "1.2")];
+        assert_eq!(
+            verdicts(std::slice::from_ref(&ours), &peers)[0].outcome(),
+            "faster"
+        );
+        let failed = row("ours", "FAIL");
+        assert_eq!(
+            verdicts(std::slice::from_ref(&failed), &peers)[0].outcome(),
+            "FAIL"
+        );
+    }
+
+    #[test]
+    fn peers_csv_round_trips_in_the_schema() {
+        let dir = std::env::temp_dir().join(format!("wb-roofline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("peers.csv");
+        write_csv(&[row("flashinfer", "2.5")], &p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with(
+            "kernel,variant,case,dtype,impl,us,bytes,flops,gb_per_s,tflop_per_s,pct_of_ceiling"
+        ));
+        let c = Ceilings {
+            gb_per_s: 3000.0,
+            tflop_per_s: 800.0,
+            rows: vec![],
+        };
+        let back = read_peers(&[p], &c).unwrap();
+        assert_eq!(back[0].us(), Some(2.5));
+        assert_eq!(back[0].gb_per_s, "1200.0");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
