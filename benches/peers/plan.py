@@ -114,6 +114,7 @@ def rotation_sets(bytes_per_call, l2_bytes, cap=MAX_SETS):
 
 NA_SDPA = "not applicable: torch_sdpa is the decode-attention baseline only"
 DTYPES = ("bf16", "f16", "f32")
+ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4}
 
 
 def _rmsnorm(case, impl):
@@ -133,8 +134,8 @@ def _rmsnorm(case, impl):
 def _silu_mul(case, impl):
     if impl == "torch_sdpa":
         return [(impl, NA_SDPA)]
-    if impl == "flashinfer" and (2 * case.int("inter") * 2) % 16 != 0:
-        return [(impl, "flashinfer.silu_and_mul needs rows of a multiple of 16 bytes (inter % 4 == 0)")]
+    if impl == "flashinfer" and (2 * case.int("inter") * ITEMSIZE[case.dtype]) % 16 != 0:
+        return [(impl, "flashinfer.silu_and_mul needs input rows of a multiple of 16 bytes (bf16: inter % 4 == 0)")]
     return [(impl, None)]
 
 
@@ -182,6 +183,8 @@ KERNELS = list(RESOLVERS)
 def resolve(case, impl):
     if case.dtype not in DTYPES:
         return [(impl, f"dtype {case.dtype} not supported by the peer bench")]
+    if impl == "flashinfer" and case.dtype == "f32":
+        return [(impl, "FlashInfer's kernels take fp16/bf16 only")]
     return RESOLVERS[case.kernel](case, impl)
 
 

@@ -418,9 +418,11 @@ fn ctx_work(p: Params) -> usize {
     p.q_heads * p.ctx.max(1) * p.head_dim
 }
 
+/// One input set: [q, out, k_cache, v_cache], block tables, context lengths.
+type PaSet<T> = ([CudaSlice<T>; 4], CudaSlice<i32>, CudaSlice<i32>);
+
 struct PaBench<T> {
-    /// Per set: q, out, k_cache, v_cache; block tables; context lengths.
-    sets: Vec<([CudaSlice<T>; 4], CudaSlice<i32>, CudaSlice<i32>)>,
+    sets: Vec<PaSet<T>>,
     d: PagedAttentionDims,
 }
 
