@@ -40,7 +40,7 @@ fn sweep(name: &str) {
             Ok(())
         });
         if let Err(e) = result {
-            panic!("{name} {dtype}: {e}");
+            panic!("{name} {variant} {dtype}: {e}");
         }
     }
     let _ = DType::ALL;
@@ -68,6 +68,12 @@ fn proptest_rope() {
 #[ignore = "needs a CUDA GPU"]
 fn proptest_kv_store() {
     sweep("kv_store");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn proptest_rope_kv_store() {
+    sweep("rope_kv_store");
 }
 
 #[test]

@@ -31,9 +31,10 @@
 //! each string whole.
 //!
 //! Colours are fixed per implementation name: `"ours"` is always
-//! [`OURS_COLOR`], well-known peers have reserved colours and other names
-//! take a colour from a hash of the name, so charts can be compared side by
-//! side.
+//! [`OURS_COLOR`], variants such as `"ours v2"` take darker or lighter reds,
+//! well-known peers have reserved colours and other names take a colour from
+//! a hash of the name, so charts can be compared side by side. Ours (and its
+//! variants) are drawn on top, with bigger markers and thicker lines.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -85,6 +86,13 @@ pub const ZERO_FLOP_INTENSITY: f64 = 1e-3;
 
 /// Colour of `"ours"` on every chart.
 pub const OURS_COLOR: RGBColor = RGBColor(214, 39, 40);
+
+/// Colours for variants of ours (`"ours v2"`, ...): shades of ours' red.
+const OURS_VARIANT_COLORS: [RGBColor; 3] = [
+    RGBColor(140, 10, 30),  // dark red
+    RGBColor(250, 110, 90), // salmon
+    RGBColor(90, 0, 20),    // maroon
+];
 
 /// Colours for peers (the Tableau 10 palette less its red, which is ours).
 const PEER_COLORS: [RGBColor; 9] = [
@@ -167,7 +175,8 @@ pub fn roofline_chart(
 /// Only the points whose `kernel` matches are used. x is bytes moved in MB
 /// (10^6 bytes, log scale), y attained GB/s (linear, from 0). One line with
 /// markers per implementation, sorted by bytes (several cases with the same
-/// bytes are all drawn); `"ours"` is drawn on top with a thicker line. A
+/// bytes are all drawn); ours (and variants such as `"ours v2"`) are drawn
+/// on top with thicker lines and bigger markers. A
 /// dashed horizontal line marks the bandwidth ceiling, labelled
 /// "measured ceiling N GB/s". The legend sits to the right of the plot.
 ///
@@ -189,55 +198,87 @@ pub fn bandwidth_chart(
 // ---------------------------------------------------------------------------
 // Colours and markers
 
+/// Whether `implementation` is ours: `"ours"` itself or a variant of it
+/// such as `"ours v2"` or `"ours_fused"` (compared case-insensitively).
+/// All of ours are drawn thicker, bigger and on top.
 fn is_ours(implementation: &str) -> bool {
-    implementation.eq_ignore_ascii_case("ours")
+    let lower = implementation.to_ascii_lowercase();
+    lower == "ours"
+        || lower
+            .strip_prefix("ours")
+            .and_then(|rest| rest.chars().next())
+            .is_some_and(|c| !c.is_ascii_alphanumeric())
 }
 
-/// The palette slot a peer would like; `None` for "ours".
-fn preferred_slot(implementation: &str) -> Option<usize> {
-    if is_ours(implementation) {
-        return None;
-    }
-    let lower = implementation.to_ascii_lowercase();
-    if let Some(&(_, slot)) = KNOWN_PEERS.iter().find(|(name, _)| *name == lower) {
-        return Some(slot);
-    }
-    // FNV-1a: stable across runs and platforms, unlike std's hasher.
-    let hash = lower.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+/// Which palette an implementation draws from, and the slot it would like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Plain `"ours"`: always [`OURS_COLOR`].
+    Ours,
+    /// A variant of ours: a slot in [`OURS_VARIANT_COLORS`].
+    Variant(usize),
+    /// A peer: a slot in [`PEER_COLORS`].
+    Peer(usize),
+}
+
+/// FNV-1a: stable across runs and platforms, unlike std's hasher.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    Some((hash % PEER_COLORS.len() as u64) as usize)
+    })
+}
+
+/// The palette slot an implementation would like: fixed for "ours" and
+/// well-known peers, otherwise from a hash of the lower-cased name.
+fn preferred_slot(implementation: &str) -> Slot {
+    let lower = implementation.to_ascii_lowercase();
+    if lower == "ours" {
+        return Slot::Ours;
+    }
+    if is_ours(&lower) {
+        return Slot::Variant((fnv1a(&lower) % OURS_VARIANT_COLORS.len() as u64) as usize);
+    }
+    if let Some(&(_, slot)) = KNOWN_PEERS.iter().find(|(name, _)| *name == lower) {
+        return Slot::Peer(slot);
+    }
+    Slot::Peer((fnv1a(&lower) % PEER_COLORS.len() as u64) as usize)
 }
 
 /// Colours for the implementations of one chart: "ours" gets [`OURS_COLOR`];
-/// each peer its fixed slot, unless a peer earlier in name order already
-/// took it, in which case it moves to the next free slot.
+/// every other name its fixed slot, unless a name earlier in name order
+/// already took it, in which case it moves to the next free slot of its
+/// palette.
 fn assign_colors<'a>(
     implementations: impl IntoIterator<Item = &'a str>,
 ) -> BTreeMap<String, RGBColor> {
-    let mut taken = [false; PEER_COLORS.len()];
-    let mut out = BTreeMap::new();
-    let names: BTreeSet<&str> = implementations.into_iter().collect();
-    for name in names {
-        let color = match preferred_slot(name) {
-            None => OURS_COLOR,
-            Some(slot) => {
-                let free = (0..PEER_COLORS.len())
-                    .map(|i| (slot + i) % PEER_COLORS.len())
-                    .find(|&s| !taken[s])
-                    .unwrap_or(slot);
-                taken[free] = true;
-                PEER_COLORS[free]
-            }
-        };
-        out.insert(name.to_string(), color);
+    fn take(palette: &[RGBColor], taken: &mut [bool], slot: usize) -> RGBColor {
+        let free = (0..palette.len())
+            .map(|i| (slot + i) % palette.len())
+            .find(|&s| !taken[s])
+            .unwrap_or(slot);
+        taken[free] = true;
+        palette[free]
     }
-    out
+    let mut peers_taken = [false; PEER_COLORS.len()];
+    let mut variants_taken = [false; OURS_VARIANT_COLORS.len()];
+    let names: BTreeSet<&str> = implementations.into_iter().collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let color = match preferred_slot(name) {
+                Slot::Ours => OURS_COLOR,
+                Slot::Variant(s) => take(&OURS_VARIANT_COLORS, &mut variants_taken, s),
+                Slot::Peer(s) => take(&PEER_COLORS, &mut peers_taken, s),
+            };
+            (name.to_string(), color)
+        })
+        .collect()
 }
 
-/// `"ours"` first, then the rest in name order.
+/// Ours (plain `"ours"` first) before peers, each group in name order.
 fn implementation_order(a: &str, b: &str) -> std::cmp::Ordering {
-    (!is_ours(a), a).cmp(&(!is_ours(b), b))
+    let key = |s: &str| (!is_ours(s), !s.eq_ignore_ascii_case("ours"));
+    key(a).cmp(&key(b)).then_with(|| a.cmp(b))
 }
 
 /// Marker shapes; kernels on the roofline and implementations on the
@@ -1491,6 +1532,7 @@ mod tests {
     fn synthetic() -> Vec<Point> {
         let peers = [
             ("ours", 0.92, 2.5e-6),
+            ("ours v2", 0.95, 2.2e-6),
             ("flashinfer", 0.85, 4e-6),
             ("torch_eager", 0.45, 9e-6),
         ];
@@ -1516,6 +1558,9 @@ mod tests {
                     4.0 * tokens * 4096.0,
                     secs,
                 ));
+            }
+            if imp == "ours v2" {
+                continue;
             }
             if imp != "flashinfer" {
                 for tokens in [16.0, 512.0, 4096.0, 16384.0] {
@@ -1625,10 +1670,8 @@ mod tests {
         assert_valid_png(&with_suffix(&stem, "png"));
         let svg = std::fs::read_to_string(with_suffix(&stem, "svg")).unwrap();
         assert!(svg_has_text(&svg, title), "title missing from SVG");
-        assert!(
-            svg.contains("rmsnorm · ours"),
-            "legend label missing from SVG"
-        );
+        assert!(svg_has_text(&svg, "rmsnorm · ours"), "legend label missing");
+        assert!(svg_has_text(&svg, "rmsnorm · ours v2"));
         assert!(svg_has_text(&svg, "gemm · cublas"));
         assert!(svg.contains("memory ceiling 3021 GB/s"));
         assert!(svg.contains("compute ceiling 667 TFLOP/s"));
@@ -1651,6 +1694,7 @@ mod tests {
         assert!(svg_has_text(&svg, title), "title missing from SVG");
         assert!(svg_has_text(&svg, "flashinfer"), "legend label missing");
         assert!(svg_has_text(&svg, "ours"));
+        assert!(svg_has_text(&svg, "ours v2"));
         assert!(svg.contains("measured ceiling 3021 GB/s"));
         assert!(!svg.contains("silu_mul"));
         std::fs::remove_dir_all(dir).ok();
@@ -1721,6 +1765,21 @@ mod tests {
         let many = assign_colors(["ours", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]);
         let distinct: BTreeSet<(u8, u8, u8)> = many.values().map(|c| (c.0, c.1, c.2)).collect();
         assert_eq!(distinct.len(), many.len());
+        // Variants of ours are ours (highlighted), in reds of their own.
+        assert!(is_ours("ours") && is_ours("OURS v2") && is_ours("ours_fused"));
+        assert!(!is_ours("oursin") && !is_ours("flashinfer"));
+        let v = assign_colors(["ours", "ours v2", "ours v3", "torch_eager"]);
+        assert_eq!(v["ours"], OURS_COLOR);
+        assert_ne!(v["ours v2"], v["ours v3"]);
+        assert!(OURS_VARIANT_COLORS.contains(&v["ours v2"]));
+        let order = |mut names: Vec<&'static str>| {
+            names.sort_by(|a, b| implementation_order(a, b));
+            names
+        };
+        assert_eq!(
+            order(vec!["cublas", "ours v2", "ours", "aaa"]),
+            ["ours", "ours v2", "aaa", "cublas"]
+        );
     }
 
     /// Our layout of a string must match the width plotters' own rasteriser

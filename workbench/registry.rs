@@ -9,6 +9,7 @@ pub static OPS: &[&dyn Op] = &[
     &ops::silu_mul::SiluMul,
     &ops::rope::Rope,
     &ops::kv_store::KvStore,
+    &ops::rope_kv_store::RopeKvStore,
     &ops::paged_attention::PagedAttention,
 ];
 

@@ -13,6 +13,10 @@ from check import TORCH_DTYPES
 # minutes per case and these ops are single fused elementwise/reduction
 # kernels where it rarely changes the result. Override with --compile-mode.
 COMPILE_MODE = None
+# dynamic=False (default): one static-shape compile per case, the best case
+# for Inductor. --compile-dynamic compiles shape-generic code once per
+# function and reuses it across cases: far less compile time, maybe slower code.
+COMPILE_DYNAMIC = False
 
 
 class Unavailable(Exception):
@@ -52,14 +56,16 @@ def compiled(fn):
     """torch.compile(fn) with a clean Dynamo cache (see reset_compile)."""
     key = fn
     if key not in _compiled:
-        _compiled[key] = torch.compile(fn, mode=COMPILE_MODE, dynamic=False)
+        _compiled[key] = torch.compile(fn, mode=COMPILE_MODE, dynamic=True if COMPILE_DYNAMIC else False)
     return _compiled[key]
 
 
 def reset_compile():
     """Forget compiled code between cases: each case compiles its own static
     shapes, and Dynamo's recompile limit (8 per function) never silently
-    falls back to eager."""
+    falls back to eager. A no-op with --compile-dynamic."""
+    if COMPILE_DYNAMIC:
+        return
     _compiled.clear()
     torch._dynamo.reset()
 

@@ -136,6 +136,8 @@ def parse_args(argv):
                     help="cuda (default), or cpu with --check-only: a smoke test of the torch impls and references")
     ap.add_argument("--compile-mode", default="default",
                     help='torch.compile mode for torch_compile (default: "default"; e.g. max-autotune-no-cudagraphs)')
+    ap.add_argument("--compile-dynamic", action="store_true",
+                    help="torch.compile(dynamic=True) once per function instead of a static compile per case")
     ap.add_argument("--target-ms", type=float, default=150.0, help="GPU time to measure per impl (ours: 150)")
     ap.add_argument("--min-replays", type=int, default=15, help="(ours: 15)")
     ap.add_argument("--max-replays", type=int, default=2000, help="(ours: 2000)")
@@ -240,6 +242,7 @@ def run(args, plan, l2):
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     torch.set_grad_enabled(False)
     common.COMPILE_MODE = None if args.compile_mode in ("", "default", "none") else args.compile_mode
+    common.COMPILE_DYNAMIC = args.compile_dynamic
     common.configure_dynamo()
     opts = TimingOpts(min_replays=args.min_replays, max_replays=args.max_replays, target_ms=args.target_ms)
     t0 = time.monotonic()
@@ -249,7 +252,8 @@ def run(args, plan, l2):
         log(f"resume: {len(out.done)} row(s) already in {args.out} are skipped")
     name = torch.cuda.get_device_properties(0).name if on_cuda else dev
     log(f"device {name}; torch {torch.__version__}; L2 from cases file {l2 / 2**20:.0f} MiB; "
-        f"compile mode {common.COMPILE_MODE or 'default'}; {len(plan)} case(s)")
+        f"compile mode {common.COMPILE_MODE or 'default'}{', dynamic' if args.compile_dynamic else ''}; "
+        f"{len(plan)} case(s)")
 
     def over():
         return deadline is not None and time.monotonic() > deadline

@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("silu_mul", include_str!("../cuda/silu_mul.cu")),
     ("rope", include_str!("../cuda/rope.cu")),
     ("kv_store", include_str!("../cuda/kv_store.cu")),
+    ("rope_kv_store", include_str!("../cuda/rope_kv_store.cu")),
     (
         "paged_attention",
         include_str!("../cuda/paged_attention.cu"),

@@ -19,6 +19,7 @@ mod launch;
 pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rope_kv_store;
 pub mod silu_mul;
 pub mod timing;
 pub mod util;

@@ -14,6 +14,7 @@
 //! | [`silu_mul`] | SwiGLU activation: `silu(gate) * up` |
 //! | [`rope`] | NeoX-style rotary position embedding |
 //! | [`kv_store`] | scatter of new K/V into a paged cache |
+//! | [`rope_kv_store`] | RoPE on q and k, then k and v into the paged cache |
 //! | [`paged_attention`] | decode attention over a paged KV cache |
 
 pub mod error;
@@ -21,6 +22,7 @@ pub mod kv_store;
 pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rope_kv_store;
 pub mod silu_mul;
 
 pub use error::ShapeError;

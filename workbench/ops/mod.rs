@@ -4,4 +4,5 @@ pub mod kv_store;
 pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rope_kv_store;
 pub mod silu_mul;

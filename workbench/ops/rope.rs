@@ -273,7 +273,7 @@ fn run_t<T: Stored>(
 }
 
 /// sqrt(x[i]^2 + x[i + d/2]^2) for both members of every rotated pair.
-fn pair_norms(x: &[f64], head_dim: usize) -> Vec<f64> {
+pub(crate) fn pair_norms(x: &[f64], head_dim: usize) -> Vec<f64> {
     let half = head_dim / 2;
     let mut out = vec![0.0; x.len()];
     for (o, h) in out.chunks_mut(head_dim).zip(x.chunks(head_dim)) {
