@@ -251,8 +251,8 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     use workbench::{ceilings, roofline, roofline_report};
     let jobs = roofline::plan(&a.kernels, a.dtype)?;
     if let Some(p) = &a.emit_cases {
-        roofline::emit_cases(&jobs, a.l2_bytes, p)?;
-        println!("wrote {} cases to {}", jobs.len(), p.display());
+        let n = roofline::emit_cases(&jobs, a.l2_bytes, p)?;
+        println!("wrote {n} cases to {}", p.display());
         return Ok(ExitCode::SUCCESS);
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -102,7 +102,8 @@ pub fn plan(kernels: &[String], dtype: DType) -> anyhow::Result<Vec<Job>> {
 }
 
 /// The cases as JSON for the peer scripts: same case strings, same byte model.
-pub fn emit_cases(jobs: &[Job], l2_bytes: u64, path: &Path) -> anyhow::Result<()> {
+/// Returns how many distinct cases were written.
+pub fn emit_cases(jobs: &[Job], l2_bytes: u64, path: &Path) -> anyhow::Result<usize> {
     let mut seen = std::collections::HashSet::new();
     let cases: Vec<serde_json::Value> = jobs
         .iter()
