@@ -124,10 +124,11 @@ pub fn emit_cases(jobs: &[Job], l2_bytes: u64, path: &Path) -> anyhow::Result<us
             }))
         })
         .collect::<anyhow::Result<_>>()?;
+    let n = cases.len();
     let doc = serde_json::json!({ "l2_bytes": l2_bytes, "cases": cases });
     std::fs::write(path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(n)
 }
 
 /// Check each job, then time it. A failed check gives a FAIL row, never a time.
