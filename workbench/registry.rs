@@ -60,6 +60,35 @@ mod tests {
     }
 
     #[test]
+    fn production_variants_match_the_launchers() {
+        let prod = |name: &str| {
+            find(name)
+                .unwrap()
+                .variants()
+                .iter()
+                .find(|v| v.production)
+                .unwrap()
+                .name
+        };
+        assert_eq!(prod("rmsnorm"), kernels::rmsnorm::PRODUCTION);
+        assert_eq!(prod("rope"), kernels::rope::PRODUCTION);
+        assert_eq!(prod("kv_store"), kernels::kv_store::PRODUCTION);
+        for (op, variants) in [
+            ("rmsnorm", kernels::rmsnorm::VARIANTS),
+            ("rope", kernels::rope::VARIANTS),
+            ("kv_store", kernels::kv_store::VARIANTS),
+        ] {
+            let ours: Vec<&str> = find(op)
+                .unwrap()
+                .variants()
+                .iter()
+                .map(|v| v.name)
+                .collect();
+            assert_eq!(ours, variants, "{op}");
+        }
+    }
+
+    #[test]
     fn random_cases_are_valid() {
         use rand::SeedableRng;
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);

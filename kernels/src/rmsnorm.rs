@@ -10,7 +10,7 @@ const OP: &str = "rmsnorm";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2"];
-pub const PRODUCTION: &str = "v2";
+pub const PRODUCTION: &str = "v1";
 
 /// Rows per block and vectors per lane of v2 (rmsnorm.cu).
 const V2_ROWS: usize = 4;
