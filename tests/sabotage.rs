@@ -37,28 +37,33 @@ fn sabotaged_launches_fail_and_clean_ones_pass() {
     let mut caught = 0;
     for op in registry::OPS {
         let case = sabotage_case(*op);
-        let variant = op.variants()[0].name;
-        for &dtype in op.dtypes() {
-            let clean = op
-                .run(&gpu, &case, dtype, variant, Sabotage::None)
-                .expect("runs");
-            assert!(
-                clean.pass(),
-                "{} {dtype} {case}: clean run failed: {}",
-                op.name(),
-                clean.failure_summary()
-            );
-            for &s in op.sabotages() {
-                let m = op.run(&gpu, &case, dtype, variant, s).expect("runs");
+        for variant in op.variants().iter().map(|v| v.name) {
+            for &dtype in op.dtypes() {
+                let clean = op
+                    .run(&gpu, &case, dtype, variant, Sabotage::None)
+                    .expect("runs");
                 assert!(
-                    !m.pass(),
-                    "{} {dtype} {case}: sabotage {s:?} was NOT caught",
-                    op.name()
+                    clean.pass(),
+                    "{} {variant} {dtype} {case}: clean run failed: {}",
+                    op.name(),
+                    clean.failure_summary()
                 );
-                caught += 1;
+                for &s in op.sabotages() {
+                    let m = op.run(&gpu, &case, dtype, variant, s).expect("runs");
+                    assert!(
+                        !m.pass(),
+                        "{} {variant} {dtype} {case}: sabotage {s:?} was NOT caught",
+                        op.name()
+                    );
+                    caught += 1;
+                }
             }
         }
     }
-    // 4 kernels x 3 sabotages + paged attention x 4, each for 3 dtypes.
-    assert_eq!(caught, (4 * 3 + 4) * 3);
+    // Every (kernel, variant, dtype, sabotage) was run and caught.
+    let expected: usize = registry::OPS
+        .iter()
+        .map(|o| o.variants().len() * o.dtypes().len() * o.sabotages().len())
+        .sum();
+    assert_eq!(caught, expected);
 }
