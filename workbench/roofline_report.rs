@@ -140,7 +140,7 @@ fn fusion_section(ours: &[PerfRow]) -> String {
     };
     let mut md = String::from(
         "## rope_kv_store against rope + kv_store\n\nOur fastest `rope` plus our fastest `kv_store` on the same shape, against the fused kernel. \
-The byte model bounds the gain: the pair also writes k back and reads it again, which is (2·kv)/(2·q + 4·kv) of the fused traffic (1.07–1.14× for Qwen2's heads), \
+The byte model bounds the gain: the pair also writes k back and reads it again, so the best ratio is 1 + 2·kv/(2·q + 4·kv) with q, kv the query and key elements per token (1.10–1.13× for Qwen2's heads), \
 so more than that can only come from launch and latency savings at small sizes.\n\n| case | rope µs | kv_store µs | sum µs | fused µs | speed-up | prefill target 1.3× |\n|---|---|---|---|---|---|---|\n",
     );
     for f in fused {
