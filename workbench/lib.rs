@@ -18,3 +18,4 @@ pub mod report;
 pub mod roofline;
 pub mod roofline_report;
 pub mod shapes;
+pub mod workload;
