@@ -46,6 +46,9 @@ struct RooflineArgs {
     kernels: Vec<String>,
     #[arg(long, default_value = "bf16")]
     dtype: DType,
+    /// Only this variant of each kernel (default: all, so the report shows the path).
+    #[arg(long)]
+    variant: Option<String>,
     /// Report directory (default: reports/<gpu>, e.g. reports/h100).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -249,7 +252,16 @@ fn gpu_dir(name: &str) -> String {
 
 fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     use workbench::{ceilings, roofline, roofline_report};
-    let jobs = roofline::plan(&a.kernels, a.dtype)?;
+    let jobs: Vec<_> = roofline::plan(&a.kernels, a.dtype)?
+        .into_iter()
+        .filter(|j| a.variant.as_deref().is_none_or(|v| j.variant == v))
+        .collect();
+    if jobs.is_empty() {
+        return Err(Setup(anyhow::anyhow!(
+            "no perf cases selected (variant {:?}; see `workbench list`)",
+            a.variant
+        )));
+    }
     if let Some(p) = &a.emit_cases {
         let n = roofline::emit_cases(&jobs, a.l2_bytes, p)?;
         println!("wrote {n} cases to {}", p.display());

@@ -73,10 +73,15 @@ mod tests {
         assert_eq!(prod("rmsnorm"), kernels::rmsnorm::PRODUCTION);
         assert_eq!(prod("rope"), kernels::rope::PRODUCTION);
         assert_eq!(prod("kv_store"), kernels::kv_store::PRODUCTION);
+        assert_eq!(
+            prod("paged_attention"),
+            kernels::paged_attention::PRODUCTION
+        );
         for (op, variants) in [
             ("rmsnorm", kernels::rmsnorm::VARIANTS),
             ("rope", kernels::rope::VARIANTS),
             ("kv_store", kernels::kv_store::VARIANTS),
+            ("paged_attention", kernels::paged_attention::VARIANTS),
         ] {
             let ours: Vec<&str> = find(op)
                 .unwrap()

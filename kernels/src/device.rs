@@ -5,7 +5,7 @@ use crate::compile;
 use crate::error::{KernelError, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -28,6 +28,10 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     blas: OnceLock<CudaBlas>,
+    /// Grow-only device scratch for kernels that need a workspace (split-KV
+    /// attention's partial results). Grown only outside graph capture: a
+    /// captured graph keeps the pointer it saw, so callers size it first.
+    scratch: Mutex<Option<CudaSlice<u8>>>,
 }
 
 fn require_lib(present: bool, lib: &'static str, hint: &str) -> Result<()> {
@@ -125,6 +129,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
+            scratch: Mutex::new(None),
         })
     }
 
@@ -199,6 +204,23 @@ impl Gpu {
             .unwrap_or_else(|p| p.into_inner())
             .insert(symbol.to_string(), f.clone());
         Ok(f)
+    }
+
+    /// The device scratch, at least `bytes` long (reallocated only to grow).
+    pub fn scratch(
+        &self,
+        bytes: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<u8>>>> {
+        let mut g = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if g.as_ref().is_none_or(|b| b.len() < bytes) {
+            *g = None; // free the old one first
+            *g = Some(
+                self.stream
+                    .alloc_zeros::<u8>(bytes.max(256))
+                    .map_err(KernelError::driver("allocate scratch"))?,
+            );
+        }
+        Ok(g)
     }
 
     /// Compile and load every embedded source now (first-use cost out of timings).

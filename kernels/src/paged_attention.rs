@@ -5,9 +5,27 @@ use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
 use crate::launch::{cfg, grid_u32, typed_function};
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 const OP: &str = "paged_attention";
+
+/// The variants, oldest first; the engine uses [`PRODUCTION`].
+pub const VARIANTS: &[&str] = &["v1", "v2"];
+pub const PRODUCTION: &str = "v1";
+
+/// v2's launch constants (paged_attention.cu).
+const V2_THREADS: u32 = 128;
+const V2_TILE: usize = 64;
+const V2_MAX_GROUP: usize = 16;
+
+/// Split-KV plan: (splits, tokens per split), enough blocks for two waves.
+pub fn v2_splits(batch: usize, kv_heads: usize, max_ctx: usize, sm_count: usize) -> (usize, usize) {
+    let ctas = (batch * kv_heads).max(1);
+    let tiles = max_ctx.div_ceil(V2_TILE).max(1);
+    let want = (2 * sm_count).div_ceil(ctas).clamp(1, tiles);
+    let split_tokens = tiles.div_ceil(want) * V2_TILE;
+    (max_ctx.div_ceil(split_tokens).max(1), split_tokens)
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct PagedAttentionDims {
@@ -56,6 +74,7 @@ pub fn paged_attention<T: Storage>(
     block_tables: &CudaView<i32>,
     context_lens: &CudaView<i32>,
     d: PagedAttentionDims,
+    variant: &str,
 ) -> Result<()> {
     let q_heads = dim_i32(OP, "q_heads", d.q_heads)?;
     let kv_heads = dim_i32(OP, "kv_heads", d.kv_heads)?;
@@ -90,6 +109,16 @@ pub fn paged_attention<T: Storage>(
     if d.batch == 0 {
         return Ok(());
     }
+    match variant {
+        "v1" => {}
+        "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
+        other => {
+            return Err(KernelError::Unsupported {
+                op: OP,
+                what: format!("variant `{other}` (known: {})", VARIANTS.join(", ")),
+            })
+        }
+    }
     let f = typed_function::<T>(gpu, "paged_attention", "paged_attention_v1")?;
     let scale = d.scale;
     // SAFETY: every buffer length is checked above. Context lengths live on the
@@ -118,4 +147,143 @@ pub fn paged_attention<T: Storage>(
     }
     .map_err(KernelError::driver("launch paged_attention"))?;
     Ok(())
+}
+
+/// v2: split-KV, one block per (kv head, sequence, split), then a merge of
+/// the splits when there are several. Shapes were checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn launch_v2<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    q: &CudaView<T>,
+    k_cache: &CudaView<T>,
+    v_cache: &CudaView<T>,
+    block_tables: &CudaView<i32>,
+    context_lens: &CudaView<i32>,
+    d: PagedAttentionDims,
+) -> Result<()> {
+    let vec = 16 / std::mem::size_of::<T>();
+    let group = d.q_heads / d.kv_heads;
+    if d.head_dim % vec != 0 || group > V2_MAX_GROUP {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!(
+                "v2 with head_dim {} (needs a multiple of {vec}) and group {group} (at most {V2_MAX_GROUP})",
+                d.head_dim
+            ),
+        });
+    }
+    let max_ctx = d.max_blocks_per_seq * d.block_size;
+    let (splits, split_tokens) = v2_splits(
+        d.batch,
+        d.kv_heads,
+        max_ctx,
+        gpu.info().sm_count.max(1) as usize,
+    );
+    let part_o = d.batch * d.q_heads * splits * d.head_dim;
+    let part_ml = d.batch * d.q_heads * splits * 2;
+    let mut scratch = gpu.scratch(4 * (part_o + part_ml))?;
+    let buf = scratch.as_mut().ok_or_else(|| KernelError::Unsupported {
+        op: OP,
+        what: "scratch buffer missing".into(),
+    })?;
+    // SAFETY: the scratch holds at least 4 * (part_o + part_ml) bytes (sized above).
+    let mut ws = unsafe { buf.transmute_mut::<f32>(part_o + part_ml) }.ok_or_else(|| {
+        KernelError::Unsupported {
+            op: OP,
+            what: "scratch too small".into(),
+        }
+    })?;
+    let (mut po, mut pml) = ws.split_at_mut(part_o);
+    let smem = (4 * (group * (d.head_dim + 4) + group * V2_TILE + 3 * group) + 4 * V2_TILE) as u32;
+    let f = typed_function::<T>(gpu, "paged_attention", "paged_attention_v2")?;
+    let (scale, q_heads, kv_heads, head_dim) = (
+        d.scale,
+        d.q_heads as i32,
+        d.kv_heads as i32,
+        d.head_dim as i32,
+    );
+    let (block_size, mbps, num_blocks, st) = (
+        d.block_size as i32,
+        d.max_blocks_per_seq as i32,
+        d.num_blocks as i32,
+        split_tokens as i32,
+    );
+    let grid = (
+        d.kv_heads as u32,
+        grid_u32(OP, "batch", d.batch)?,
+        splits as u32,
+    );
+    // SAFETY: lengths were checked by `paged_attention`; the workspace views
+    // hold batch*q_heads*splits*(head_dim + 2) floats; context lengths and
+    // block ids are range-checked on the device as in v1; dynamic shared
+    // memory is sized for this group and head_dim (at most ~21 KB).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(&mut *out)
+            .arg(&mut po)
+            .arg(&mut pml)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(block_tables)
+            .arg(context_lens)
+            .arg(&scale)
+            .arg(&q_heads)
+            .arg(&kv_heads)
+            .arg(&head_dim)
+            .arg(&block_size)
+            .arg(&mbps)
+            .arg(&num_blocks)
+            .arg(&st)
+            .launch(LaunchConfig {
+                grid_dim: grid,
+                block_dim: (V2_THREADS, 1, 1),
+                shared_mem_bytes: smem,
+            })
+    }
+    .map_err(KernelError::driver("launch paged_attention_v2"))?;
+    if splits > 1 {
+        let m = typed_function::<T>(gpu, "paged_attention", "paged_attention_merge")?;
+        let splits_i = splits as i32;
+        // SAFETY: reads the partials written above, writes out (checked length).
+        unsafe {
+            gpu.stream()
+                .launch_builder(&m)
+                .arg(out)
+                .arg(&mut po)
+                .arg(&mut pml)
+                .arg(&q_heads)
+                .arg(&head_dim)
+                .arg(&splits_i)
+                .launch(cfg(
+                    (d.q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1),
+                    128,
+                ))
+        }
+        .map_err(KernelError::driver("launch paged_attention_merge"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v2_splits;
+
+    #[test]
+    fn split_plan_fills_the_card_and_covers_the_context() {
+        // 256 x 4 = 1024 blocks already fill 132 SMs: no split.
+        assert_eq!(v2_splits(256, 4, 2048, 132), (1, 2048));
+        // One sequence, 2 kv heads, 1024 tokens: 16 tiles, 16 splits of 64.
+        assert_eq!(v2_splits(1, 2, 1024, 132), (16, 64));
+        for (b, kv, ctx) in [(8, 8, 32768), (3, 2, 85), (1, 1, 1), (64, 2, 4096)] {
+            let (s, t) = v2_splits(b, kv, ctx, 132);
+            assert!(
+                s * t >= ctx && (s - 1) * t < ctx.max(1),
+                "{b} {kv} {ctx}: {s} x {t}"
+            );
+            assert_eq!(t % 64, 0);
+        }
+    }
 }

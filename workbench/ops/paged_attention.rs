@@ -17,6 +17,7 @@ use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::par_rows;
+use crate::op::static_variant;
 use crate::op::{
     finish, rand_buf, rounded_once, to_storage, upload, Bench, Expect, Op, RunError, Sabotage,
     Stored, Variant,
@@ -34,11 +35,18 @@ use rayon::prelude::*;
 
 pub struct PagedAttention;
 
-const VARIANTS: &[Variant] = &[Variant {
-    name: "v1",
-    note: "one block per (sequence, query head), 4 warps of online softmax, no split-KV",
-    production: true,
-}];
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "v1",
+        note: "one block per (sequence, query head), 4 warps of online softmax, no split-KV",
+        production: true,
+    },
+    Variant {
+        name: "v2",
+        note: "split-KV over (kv head, sequence, split), the GQA group served from one K/V read, 16-byte loads, log-sum-exp merge",
+        production: false,
+    },
+];
 
 /// `large`: q and k near ±4 (scores in the tens: a sharply peaked softmax),
 /// v near ±1e4.
@@ -243,7 +251,7 @@ impl Op for PagedAttention {
         sets: usize,
     ) -> Result<Box<dyn Bench>, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets))
+        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
     }
 
     fn run(
@@ -255,7 +263,10 @@ impl Op for PagedAttention {
         sabotage: Sabotage,
     ) -> Result<Metrics, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+        by_dtype!(
+            dtype,
+            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+        )
     }
 }
 
@@ -264,6 +275,7 @@ fn run_t<T: Stored>(
     case: &Case,
     sabotage: Sabotage,
     tol: Tolerance,
+    variant: &str,
 ) -> Result<Metrics, RunError> {
     let p = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
@@ -402,6 +414,7 @@ fn run_t<T: Stored>(
             &gt.view(rows * mbps),
             &gl.view(rows),
             d,
+            variant,
         )?;
     }
     let outputs = vec![Expect {
@@ -424,6 +437,7 @@ type PaSet<T> = ([CudaSlice<T>; 4], CudaSlice<i32>, CudaSlice<i32>);
 struct PaBench<T> {
     sets: Vec<PaSet<T>>,
     d: PagedAttentionDims,
+    variant: &'static str,
 }
 
 impl<T: Stored> Bench for PaBench<T> {
@@ -441,13 +455,19 @@ impl<T: Stored> Bench for PaBench<T> {
             &tables.slice(0..d.batch * d.max_blocks_per_seq),
             &lens.slice(0..d.batch),
             d,
+            self.variant,
         )
     }
 }
 
 /// Every sequence holds `ctx` tokens (perf cases are not ragged); block tables
 /// are a random permutation of the pool.
-fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Bench>, RunError> {
+fn bench_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sets: usize,
+    variant: &str,
+) -> Result<Box<dyn Bench>, RunError> {
     use rand::SeedableRng;
     let p = params(case)?;
     let mut rng = SmallRng::seed_from_u64(23);
@@ -481,5 +501,9 @@ fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Ben
             ))
         })
         .collect::<Result<_, _>>()?;
-    Ok(Box::new(PaBench { sets, d }))
+    Ok(Box::new(PaBench {
+        sets,
+        d,
+        variant: static_variant(variant),
+    }))
 }
