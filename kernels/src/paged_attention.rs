@@ -11,7 +11,7 @@ const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2"];
-pub const PRODUCTION: &str = "v1";
+pub const PRODUCTION: &str = "v2";
 
 /// v2's launch constants (paged_attention.cu).
 const V2_THREADS: u32 = 128;

@@ -39,12 +39,12 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "v1",
         note: "one block per (sequence, query head), 4 warps of online softmax, no split-KV",
-        production: true,
+        production: false,
     },
     Variant {
         name: "v2",
         note: "split-KV over (kv head, sequence, split), the GQA group served from one K/V read, 16-byte loads, log-sum-exp merge",
-        production: false,
+        production: true,
     },
 ];
 
