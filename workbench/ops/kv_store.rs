@@ -199,6 +199,28 @@ impl Op for KvStore {
     }
 }
 
+/// Distinct random slots for `tokens` tokens, a shuffled prefix of a pool of
+/// `num_slots`; with `skip` about a quarter of the tokens (never the last, so
+/// "one row fewer" is always visible) get -1. Shared with `rope_kv_store`.
+pub(crate) fn draw_slots(
+    rng: &mut SmallRng,
+    tokens: usize,
+    num_slots: usize,
+    skip: bool,
+) -> Vec<i64> {
+    let mut pool: Vec<i64> = (0..num_slots as i64).collect();
+    pool.shuffle(rng);
+    (0..tokens)
+        .map(|t| {
+            if skip && t + 1 < tokens && rng.random_range(0..4) == 0 {
+                -1
+            } else {
+                pool[t]
+            }
+        })
+        .collect()
+}
+
 fn run_t<T: Stored>(
     gpu: &Gpu,
     case: &Case,
@@ -217,18 +239,7 @@ fn run_t<T: Stored>(
     gen::round_all(&mut v, dtype);
     let num_blocks = p.num_blocks();
     let num_slots = num_blocks * p.block_size;
-    // Distinct random slots: a shuffled prefix of the pool.
-    let mut pool: Vec<i64> = (0..num_slots as i64).collect();
-    pool.shuffle(&mut rng);
-    let slots: Vec<i64> = (0..p.tokens)
-        .map(|t| {
-            if p.skip && t + 1 < p.tokens && rng.random_range(0..4) == 0 {
-                -1
-            } else {
-                pool[t]
-            }
-        })
-        .collect();
+    let slots = draw_slots(&mut rng, p.tokens, num_slots, p.skip);
 
     let cache_dims = (num_blocks, p.block_size, p.kv_heads, p.head_dim);
     let mut want_k = Array4::from_elem(cache_dims, f64::NAN);
@@ -335,9 +346,7 @@ fn bench_t<T: Stored>(
     );
     let sets = (0..sets as u64)
         .map(|s| -> Result<_, KernelError> {
-            let mut pool: Vec<i64> = (0..(num_blocks * p.block_size) as i64).collect();
-            pool.shuffle(&mut rng);
-            pool.truncate(p.tokens);
+            let pool = draw_slots(&mut rng, p.tokens, num_blocks * p.block_size, p.skip);
             Ok((
                 [
                     rand_buf::<T>(gpu, n, 4 * s, -1.0, 1.0)?,

@@ -22,7 +22,7 @@ use kernels::rope_kv_store::{RopeKvStoreArgs, RopeKvStoreDims};
 use kernels::{DType, Gpu, KernelError};
 use ndarray::Array4;
 use rand::rngs::SmallRng;
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::IndexedRandom;
 use rand::Rng;
 
 pub struct RopeKvStore;
@@ -232,22 +232,6 @@ impl Op for RopeKvStore {
     }
 }
 
-/// Distinct random slots for `tokens` tokens (skip: about a quarter get -1,
-/// never the last token, so one row fewer is always visible).
-fn slots(rng: &mut SmallRng, p: &Params) -> Vec<i64> {
-    let mut pool: Vec<i64> = (0..(p.num_blocks() * p.block_size) as i64).collect();
-    pool.shuffle(rng);
-    (0..p.tokens)
-        .map(|t| {
-            if p.skip && t + 1 < p.tokens && rng.random_range(0..4) == 0 {
-                -1
-            } else {
-                pool[t]
-            }
-        })
-        .collect()
-}
-
 fn run_t<T: Stored>(
     gpu: &Gpu,
     case: &Case,
@@ -268,7 +252,8 @@ fn run_t<T: Stored>(
     let positions: Vec<i32> = (0..p.tokens)
         .map(|_| rng.random_range(0..p.max_pos) as i32)
         .collect();
-    let slot_mapping = slots(&mut rng, &p);
+    let slot_mapping =
+        super::kv_store::draw_slots(&mut rng, p.tokens, p.num_blocks() * p.block_size, p.skip);
 
     // Reference: rope then kv_store (rows in parallel for q; the scatter is cheap).
     let [want_q, k_rot] = par_rows(p.tokens, (qh + kh) * d, |r| -> Result<_, RunError> {
@@ -424,7 +409,12 @@ fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Ben
             let pos: Vec<i32> = (0..p.tokens)
                 .map(|_| rng.random_range(0..p.max_pos) as i32)
                 .collect();
-            let sl = slots(&mut rng, &p);
+            let sl = super::kv_store::draw_slots(
+                &mut rng,
+                p.tokens,
+                p.num_blocks() * p.block_size,
+                p.skip,
+            );
             Ok((
                 [
                     rand_buf::<T>(gpu, nq, 5 * s, -1.0, 1.0)?,
