@@ -181,7 +181,17 @@ impl Qwen2Config {
         let vocab_size = positive(obj, "vocab_size")?;
         let max_position_embeddings = positive(obj, "max_position_embeddings")?;
         let rms_norm_eps = positive_float(obj, "rms_norm_eps")?;
-        let rope_theta = positive_float(obj, "rope_theta")?;
+        // transformers 5 writes `rope_theta` inside `rope_parameters` only;
+        // 4.x (the released Qwen2 checkpoints) writes it at the top level.
+        let rope_theta = match (
+            optional(obj, "rope_theta"),
+            optional(obj, "rope_parameters"),
+        ) {
+            (None, Some(Value::Object(rp))) if rp.contains_key("rope_theta") => {
+                positive_float(rp, "rope_theta")?
+            }
+            _ => positive_float(obj, "rope_theta")?,
+        };
 
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(ConfigError::HeadGroups {
@@ -709,6 +719,26 @@ mod tests {
             m.insert("hidden_size".into(), 98.into());
         }));
         assert!(e.contains("head_dim is 7"), "{e}");
+    }
+
+    #[test]
+    fn rope_theta_is_read_from_rope_parameters_as_transformers_5_writes_it() {
+        let mut m = match serde_json::from_str::<Value>(QWEN2_05B_JSON).unwrap() {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        m.remove("rope_theta");
+        m.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": 1000000.0}),
+        );
+        let c = Qwen2Config::from_json_str(&Value::Object(m.clone()).to_string()).unwrap();
+        assert_eq!(c.rope_theta, 1e6);
+        m.remove("rope_parameters");
+        let e = Qwen2Config::from_json_str(&Value::Object(m).to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_theta"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,193 @@
+//! The CPU reference Qwen2 forward (`reference::qwen2`) against Hugging Face
+//! transformers' own f32 logits for a tiny random Qwen2
+//! (`tests/golden/qwen2-tiny/`, made by `tests/golden/make_qwen2_golden.py`;
+//! see `tests/golden/README.md`).
+//!
+//! The golden files are embedded with `include_bytes!` / `include_str!` so the
+//! test does not depend on the directory it runs from. No network, no Python.
+
+use std::collections::HashMap;
+
+use kernels::DType;
+use ndarray::Array2;
+use reference::qwen2::{Qwen2RefConfig, Qwen2Weights};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use workbench::engine::config::Qwen2Config;
+
+const CONFIG: &str = include_str!("golden/qwen2-tiny/config.json");
+const SAFETENSORS: &[u8] = include_bytes!("golden/qwen2-tiny/model.safetensors");
+const GOLDEN: &str = include_str!("golden/qwen2-tiny/golden.json");
+
+/// ‖Δ‖₂ / ‖ref‖₂ over a prompt's whole `[len, vocab]` logits.
+const REL_L2_TOL: f64 = 1e-4;
+
+type Tensors = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+fn ref_config() -> Qwen2RefConfig {
+    let c = Qwen2Config::from_json_str(CONFIG).expect("golden config.json parses");
+    assert_eq!(c.torch_dtype, DType::F32, "the golden model is f32");
+    Qwen2RefConfig {
+        hidden: c.hidden_size,
+        intermediate: c.intermediate_size,
+        layers: c.num_hidden_layers,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        vocab: c.vocab_size,
+        eps: c.rms_norm_eps,
+        theta: c.rope_theta,
+        tie: c.tie_word_embeddings,
+    }
+}
+
+/// Every tensor of the golden checkpoint, f32 little-endian widened to f64.
+fn tensors() -> Tensors {
+    let st = SafeTensors::deserialize(SAFETENSORS).expect("golden model.safetensors parses");
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32, "{name}: the golden model is f32");
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+fn build(cfg: &Qwen2RefConfig, t: &Tensors) -> Qwen2Weights {
+    Qwen2Weights::from_tensors(cfg, |n| t.get(n).cloned()).expect("golden weights load")
+}
+
+struct Case {
+    prompt: Vec<u32>,
+    logits: Array2<f64>, // [len, vocab]
+    greedy: Vec<u32>,
+}
+
+fn golden_cases(vocab: usize) -> Vec<Case> {
+    let g: Value = serde_json::from_str(GOLDEN).expect("golden.json parses");
+    assert_eq!(g["schema_version"], 1, "golden.json schema");
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .expect("a list of token ids")
+            .iter()
+            .map(|x| u32::try_from(x.as_u64().expect("a token id")).expect("fits u32"))
+            .collect()
+    };
+    let cases: Vec<Case> = g["cases"]
+        .as_array()
+        .expect("golden.json: cases")
+        .iter()
+        .map(|c| {
+            let prompt = ids(&c["prompt"]);
+            let rows = c["logits"].as_array().expect("logits rows");
+            assert_eq!(rows.len(), prompt.len(), "one logits row per prompt token");
+            let flat: Vec<f64> = rows
+                .iter()
+                .flat_map(|r| {
+                    let r = r.as_array().expect("a logits row");
+                    assert_eq!(r.len(), vocab, "a logits row has vocab entries");
+                    r.iter().map(|x| x.as_f64().expect("a number"))
+                })
+                .collect();
+            Case {
+                logits: Array2::from_shape_vec((prompt.len(), vocab), flat).unwrap(),
+                greedy: ids(&c["greedy"]),
+                prompt,
+            }
+        })
+        .collect();
+    let lens: Vec<usize> = cases.iter().map(|c| c.prompt.len()).collect();
+    assert_eq!(lens, [1, 5, 17], "golden prompt lengths");
+    cases
+}
+
+/// (relative L2, max abs) of `ours` against `hf`.
+fn diff(ours: &Array2<f64>, hf: &Array2<f64>) -> (f64, f64) {
+    assert_eq!(ours.dim(), hf.dim());
+    let (mut d2, mut r2, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
+    for (a, b) in ours.iter().zip(hf) {
+        let d = a - b;
+        d2 += d * d;
+        r2 += b * b;
+        max_abs = max_abs.max(d.abs());
+    }
+    ((d2 / r2).sqrt(), max_abs)
+}
+
+/// Per prompt: (prompt length, relative L2, max abs). Err names every prompt
+/// over the tolerance.
+fn compare_logits(model: &Qwen2Weights, cases: &[Case]) -> Result<Vec<(usize, f64, f64)>, String> {
+    let mut stats = Vec::new();
+    let mut failures = Vec::new();
+    for c in cases {
+        let ours = model.forward(&c.prompt).expect("forward");
+        let (rel, max_abs) = diff(&ours, &c.logits);
+        stats.push((c.prompt.len(), rel, max_abs));
+        // NaN must fail too.
+        if rel.is_nan() || rel > REL_L2_TOL {
+            failures.push(format!(
+                "prompt of {} tokens: rel L2 {rel:.3e} > {REL_L2_TOL:e} (max abs diff {max_abs:.3e})",
+                c.prompt.len()
+            ));
+        }
+    }
+    if failures.is_empty() {
+        Ok(stats)
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+#[test]
+fn reference_logits_match_transformers() {
+    let cfg = ref_config();
+    let model = build(&cfg, &tensors());
+    let cases = golden_cases(cfg.vocab);
+    let stats = compare_logits(&model, &cases).unwrap_or_else(|e| panic!("{e}"));
+    for (len, rel, max_abs) in stats {
+        println!("prompt of {len} tokens: rel L2 {rel:.3e}, max abs diff {max_abs:.3e}");
+    }
+}
+
+#[test]
+fn reference_greedy_matches_transformers() {
+    let cfg = ref_config();
+    let model = build(&cfg, &tensors());
+    for c in golden_cases(cfg.vocab) {
+        let ours = model.greedy(&c.prompt, c.greedy.len()).expect("greedy");
+        assert_eq!(ours, c.greedy, "greedy continuation of {:?}", c.prompt);
+    }
+}
+
+/// The comparison must be able to fail: swapping two rows of layer 0's
+/// q_proj (two query dims of head 0) must push the logits far out of
+/// tolerance. (A one-token prompt is blind to it: a single key gets all the
+/// attention whatever q is, so only the longer prompts must fail.)
+#[test]
+fn perturbed_weights_fail_the_comparison() {
+    let cfg = ref_config();
+    let mut t = tensors();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let (shape, data) = t.get_mut(name).expect("q_proj present");
+    let cols = shape[1];
+    for j in 0..cols {
+        data.swap(j, cols + j);
+    }
+    let model = build(&cfg, &t);
+    let cases = golden_cases(cfg.vocab);
+    let err = compare_logits(&model, &cases).expect_err("a perturbed model must not match");
+    println!("perturbed q_proj: {err}");
+    for c in cases.iter().filter(|c| c.prompt.len() > 1) {
+        let (rel, _) = diff(&model.forward(&c.prompt).unwrap(), &c.logits);
+        assert!(
+            rel > 100.0 * REL_L2_TOL,
+            "prompt of {} tokens: rel L2 {rel:.3e} only",
+            c.prompt.len()
+        );
+    }
+}
