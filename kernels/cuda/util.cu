@@ -46,3 +46,19 @@ extern "C" __global__ void copy_vec16(uint4* __restrict__ dst, const uint4* __re
     }
     for (; i < n; i += stride) dst[i] = src[i];
 }
+
+// add_bias_*: y[r, c] += b[c] for y [rows, cols] (the q/k/v projection biases,
+// after the cuBLAS GEMM). f32 arithmetic, one rounding.
+template <typename T>
+__device__ void add_bias_impl(T* y, const T* b, i64 rows, int cols) {
+    const i64 n = rows * cols;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = from_f32<T>(to_f32(y[i]) + to_f32(b[i % cols]));
+}
+
+#define WB_ADD_BIAS(T, S)                                                                  \
+    extern "C" __global__ void add_bias_##S(T* y, const T* b, i64 rows, int cols) {       \
+        add_bias_impl<T>(y, b, rows, cols);                                                \
+    }
+WB_FOR_EACH_DTYPE(WB_ADD_BIAS)

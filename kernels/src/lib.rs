@@ -16,6 +16,7 @@ pub mod dtype;
 pub mod error;
 pub mod kv_store;
 mod launch;
+pub mod linear;
 pub mod paged_attention;
 pub mod rmsnorm;
 pub mod rope;

@@ -5,6 +5,7 @@
 pub mod block_manager;
 pub mod config;
 pub mod hub;
+pub mod model;
 pub mod sampler;
 pub mod scheduler;
 pub mod weights;
