@@ -4,6 +4,7 @@
 
 pub mod block_manager;
 pub mod config;
+pub mod floor;
 pub mod hub;
 pub mod model;
 pub mod sampler;
