@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# compute-sanitizer over the check cases of the attention kernels (issue #4):
+# memcheck and racecheck, error counts written to $OUT/sanitizer.md.
+#
+#   bash benches/sanitize.sh            # GPU host, after ../shared/gpu/bundle here
+#
+# bf16 check cases only: the sanitizers slow kernels down 10-100x, and the
+# f16/f32 instantiations share the code paths.
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+wb=".gpu/env .gpu/bin/workbench"
+{
+  echo "# compute-sanitizer on the attention kernels"
+  echo
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  echo
+  echo "| kernel | tool | errors | check result |"
+  echo "|---|---|---|---|"
+} > "$OUT/sanitizer.md"
+for kernel in paged_attention; do
+  for tool in memcheck racecheck; do
+    log="$OUT/sanitizer-$kernel-$tool.log"
+    compute-sanitizer --tool "$tool" --print-limit 20 $wb check "$kernel" --only checks --dtype bf16 > "$log" 2>&1
+    rc=$?
+    errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -Eo '[0-9]+' || echo "?")
+    echo "| $kernel | $tool | ${errors:-?} | exit $rc |" >> "$OUT/sanitizer.md"
+  done
+done
+cat "$OUT/sanitizer.md"
