@@ -9,7 +9,9 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-wb=".gpu/env .gpu/bin/workbench"
+cuda=${CUDA_HOME:-/usr/local/cuda}
+export LD_LIBRARY_PATH="$cuda/lib64:${LD_LIBRARY_PATH:-}"
+sanitizer=$(command -v compute-sanitizer || echo "$cuda/bin/compute-sanitizer")
 {
   echo "# compute-sanitizer on the attention kernels"
   echo
@@ -21,7 +23,8 @@ wb=".gpu/env .gpu/bin/workbench"
 for kernel in paged_attention; do
   for tool in memcheck racecheck; do
     log="$OUT/sanitizer-$kernel-$tool.log"
-    compute-sanitizer --tool "$tool" --print-limit 20 $wb check "$kernel" --only checks --dtype bf16 > "$log" 2>&1
+    # The binary itself, not a wrapper script: the sanitizer follows the process it starts.
+    "$sanitizer" --tool "$tool" --print-limit 20 .gpu/bin/workbench check "$kernel" --only checks --dtype bf16 > "$log" 2>&1
     rc=$?
     errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -Eo '[0-9]+' || echo "?")
     echo "| $kernel | $tool | ${errors:-?} | exit $rc |" >> "$OUT/sanitizer.md"
