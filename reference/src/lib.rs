@@ -16,11 +16,13 @@
 //! | [`kv_store`] | scatter of new K/V into a paged cache |
 //! | [`rope_kv_store`] | RoPE on q and k, then k and v into the paged cache |
 //! | [`paged_attention`] | decode attention over a paged KV cache |
+//! | [`prefill_attention`] | causal prefill attention, packed or over a paged cache with a prefix |
 //! | [`qwen2`] | a whole Qwen2 decoder forward (logits) and greedy decoding |
 
 pub mod error;
 pub mod kv_store;
 pub mod paged_attention;
+pub mod prefill_attention;
 pub mod qwen2;
 pub mod rmsnorm;
 pub mod rope;
