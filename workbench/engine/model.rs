@@ -100,6 +100,56 @@ fn zeros<T: Storage>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>, ModelError> {
         .map_err(KernelError::driver("allocate activations"))?)
 }
 
+/// y [t, out] = x [t, in] · W^T + b (a projection with bias: q, k, v).
+#[allow(clippy::too_many_arguments)]
+fn project<T: Storage>(
+    gpu: &Gpu,
+    y: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    b: &CudaSlice<T>,
+    t: usize,
+    in_features: usize,
+    out_features: usize,
+) -> Result<(), ModelError>
+where
+    CudaBlas: Gemm<T>,
+{
+    kernels::linear::linear(
+        gpu,
+        &mut y.slice_mut(..),
+        out_features,
+        &x.slice(..),
+        &w.slice(..),
+        t,
+        in_features,
+        out_features,
+    )?;
+    kernels::util::add_bias(gpu, &mut y.slice_mut(..), &b.slice(..), t, out_features)?;
+    Ok(())
+}
+
+/// residual += x (rounded to T); hn = RMSNorm(residual) * weight.
+fn add_norm<T: Storage>(
+    gpu: &Gpu,
+    hn: &mut CudaSlice<T>,
+    residual: &mut CudaSlice<T>,
+    x: &CudaSlice<T>,
+    weight: &CudaSlice<T>,
+    norm: RmsNormDims,
+) -> Result<(), ModelError> {
+    kernels::rmsnorm::fused_add_rmsnorm(
+        gpu,
+        &mut hn.slice_mut(..),
+        &mut residual.slice_mut(..),
+        &x.slice(..),
+        &weight.slice(..),
+        norm,
+        kernels::rmsnorm::PRODUCTION,
+    )?;
+    Ok(())
+}
+
 impl<T: Storage> GpuModel<T>
 where
     CudaBlas: Gemm<T>,
@@ -257,49 +307,11 @@ where
                     kernels::rmsnorm::PRODUCTION,
                 )?;
             } else {
-                kernels::rmsnorm::fused_add_rmsnorm(
-                    gpu,
-                    &mut hn.slice_mut(..),
-                    &mut residual.slice_mut(..),
-                    &proj.slice(..),
-                    &w.in_norm.slice(..),
-                    norm,
-                    kernels::rmsnorm::PRODUCTION,
-                )?;
+                add_norm(gpu, &mut hn, &mut residual, &proj, &w.in_norm, norm)?;
             }
-            linear(
-                gpu,
-                &mut q.slice_mut(..),
-                qd,
-                &hn.slice(..),
-                &w.q_w.slice(..),
-                t,
-                h,
-                qd,
-            )?;
-            linear(
-                gpu,
-                &mut k.slice_mut(..),
-                kd,
-                &hn.slice(..),
-                &w.k_w.slice(..),
-                t,
-                h,
-                kd,
-            )?;
-            linear(
-                gpu,
-                &mut v.slice_mut(..),
-                kd,
-                &hn.slice(..),
-                &w.v_w.slice(..),
-                t,
-                h,
-                kd,
-            )?;
-            kernels::util::add_bias(gpu, &mut q.slice_mut(..), &w.q_b.slice(..), t, qd)?;
-            kernels::util::add_bias(gpu, &mut k.slice_mut(..), &w.k_b.slice(..), t, kd)?;
-            kernels::util::add_bias(gpu, &mut v.slice_mut(..), &w.v_b.slice(..), t, kd)?;
+            project(gpu, &mut q, &hn, &w.q_w, &w.q_b, t, h, qd)?;
+            project(gpu, &mut k, &hn, &w.k_w, &w.k_b, t, h, kd)?;
+            project(gpu, &mut v, &hn, &w.v_w, &w.v_b, t, h, kd)?;
             let rd = RopeDims {
                 tokens: t,
                 q_heads: qh,
@@ -363,15 +375,7 @@ where
                 qd,
                 h,
             )?;
-            kernels::rmsnorm::fused_add_rmsnorm(
-                gpu,
-                &mut hn.slice_mut(..),
-                &mut residual.slice_mut(..),
-                &proj.slice(..),
-                &w.post_norm.slice(..),
-                norm,
-                kernels::rmsnorm::PRODUCTION,
-            )?;
+            add_norm(gpu, &mut hn, &mut residual, &proj, &w.post_norm, norm)?;
             // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
             linear(
                 gpu,
@@ -405,15 +409,7 @@ where
                 h,
             )?;
         }
-        kernels::rmsnorm::fused_add_rmsnorm(
-            gpu,
-            &mut hn.slice_mut(..),
-            &mut residual.slice_mut(..),
-            &proj.slice(..),
-            &self.final_norm.slice(..),
-            norm,
-            kernels::rmsnorm::PRODUCTION,
-        )?;
+        add_norm(gpu, &mut hn, &mut residual, &proj, &self.final_norm, norm)?;
         let vocab = c.vocab_size;
         let mut logits = zeros::<T>(gpu, t * vocab)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
