@@ -112,9 +112,9 @@ fn is_production(kernel: &str, variant: &str) -> bool {
         .is_none_or(|v| v.name == variant)
 }
 
+/// One key of a case string, read with the case parser every command uses.
 fn param(case: &str, key: &str) -> Option<String> {
-    case.split(',')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(String::from))
+    case.parse::<crate::case::Case>().ok()?.get(key).map(String::from)
 }
 
 /// The fused rope_kv_store against our production rope followed by our
