@@ -114,7 +114,10 @@ fn is_production(kernel: &str, variant: &str) -> bool {
 
 /// One key of a case string, read with the case parser every command uses.
 fn param(case: &str, key: &str) -> Option<String> {
-    case.parse::<crate::case::Case>().ok()?.get(key).map(String::from)
+    case.parse::<crate::case::Case>()
+        .ok()?
+        .get(key)
+        .map(String::from)
 }
 
 /// The fused rope_kv_store against our production rope followed by our
