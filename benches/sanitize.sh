@@ -17,17 +17,27 @@ sanitizer=$(command -v compute-sanitizer || echo "$cuda/bin/compute-sanitizer")
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
   echo
-  echo "| kernel | tool | errors | check result |"
-  echo "|---|---|---|---|"
+  echo "| kernel | tool | errors | warnings (racecheck hazards) | check result |"
+  echo "|---|---|---|---|---|"
 } > "$OUT/sanitizer.md"
-for kernel in paged_attention; do
+for kernel in ${KERNELS:-paged_attention}; do
   for tool in memcheck racecheck; do
     log="$OUT/sanitizer-$kernel-$tool.log"
     # The binary itself, not a wrapper script: the sanitizer follows the process it starts.
     "$sanitizer" --tool "$tool" --print-limit 20 .gpu/bin/workbench check "$kernel" --only checks --dtype bf16 > "$log" 2>&1
     rc=$?
-    errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -Eo '[0-9]+' || echo "?")
-    echo "| $kernel | $tool | ${errors:-?} | exit $rc |" >> "$OUT/sanitizer.md"
+    # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with
+    # "RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)".
+    if [ "$tool" = racecheck ]; then
+      summary=$(grep -Eo 'RACECHECK SUMMARY: .*' "$log" | tail -1)
+      errors=$(echo "$summary" | grep -Eo '[0-9]+ errors' | grep -Eo '[0-9]+')
+      warnings=$(echo "$summary" | grep -Eo '[0-9]+ warnings' | grep -Eo '[0-9]+')
+    else
+      errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -Eo '[0-9]+')
+      warnings=0
+    fi
+    checks=$(grep -Eo '[0-9]+ of [0-9]+ passed' "$log" | tail -1)
+    echo "| $kernel | $tool | ${errors:-?} | ${warnings:-?} | ${checks:-no summary}, exit $rc |" >> "$OUT/sanitizer.md"
   done
 done
 cat "$OUT/sanitizer.md"

@@ -147,6 +147,12 @@ __device__ void paged_attention_v1_impl(T* __restrict__ out, const T* __restrict
     }
 WB_FOR_EACH_DTYPE(WB_PAGED_ATTENTION)
 
+// v2's score accumulator: f32 for 16-bit storage; f64 for f32 storage, whose
+// check tolerance (1e-5) leaves no room for a 256-term sequential f32 sum
+// (an absolute score error e scales every softmax weight by up to 1 + e).
+template <typename T> struct Pa2Acc { typedef float type; };
+template <> struct Pa2Acc<float> { typedef double type; };
+
 #define PA2_THREADS 128
 #define PA2_TILE 64
 #define PA2_MAX_G 16
@@ -227,12 +233,14 @@ __device__ void paged_attention_v2_impl(T* __restrict__ out, float* __restrict__
             if (slot >= 0) {
                 const T* kr = k_cache + (i64)slot * row + kvh * d;
                 const float* qh = q_s + h * qs_stride;
-                s = 0.f;
+                typename Pa2Acc<T>::type acc_s = 0;
                 for (int c = 0; c < chunks; ++c) {
                     const Vec16<T> kv = load16(kr + c * N);
 #pragma unroll
-                    for (int j = 0; j < N; ++j) s += qh[c * N + j] * to_f32(kv.v[j]);
+                    for (int j = 0; j < N; ++j)
+                        acc_s += (typename Pa2Acc<T>::type)qh[c * N + j] * to_f32(kv.v[j]);
                 }
+                s = (float)acc_s;
             }
             S[h * PA2_TILE + t] = s;
         }
@@ -253,6 +261,7 @@ __device__ void paged_attention_v2_impl(T* __restrict__ out, float* __restrict__
                 sum += pv;
             }
             sum = warp_sum(sum);
+            __syncwarp();  // every lane has read m_s[h] before lane 0 rewrites it
             if (lane == 0) {
                 const float corr = m_old == WB_NEG_INF ? 0.f : expf(m_old - m_new);
                 c_s[h] = corr;
