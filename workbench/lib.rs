@@ -7,6 +7,7 @@ pub mod case;
 pub mod ceilings;
 pub mod check;
 pub mod compare;
+pub mod e2e;
 pub mod engine;
 pub mod gen;
 pub mod guard;

@@ -38,6 +38,50 @@ enum Cmd {
     Check(CheckArgs),
     /// Check, then time every perf case against the measured ceilings and peers.
     Roofline(RooflineArgs),
+    /// Run the whole engine on a fixed request set and report its throughput.
+    E2e(E2eArgs),
+}
+
+#[derive(clap::Args)]
+struct E2eArgs {
+    /// A preset (qwen2-0.5b, qwen2-1.5b, qwen2-7b: random weights made on the
+    /// GPU), a checkpoint directory, or a hub id in the local HF cache.
+    #[arg(long, default_value = "qwen2-0.5b")]
+    model: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// Use only the first N requests of the workload.
+    #[arg(long)]
+    num_seqs: Option<usize>,
+    /// Cap every prompt at this many tokens (the workload's own lengths otherwise).
+    #[arg(long)]
+    max_input_len: Option<usize>,
+    /// Cap every output at this many tokens.
+    #[arg(long)]
+    max_output_len: Option<usize>,
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    #[arg(long, default_value_t = 512)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 16384)]
+    max_batched_tokens: usize,
+    #[arg(long, default_value_t = 4096)]
+    max_model_len: usize,
+    /// Force the KV pool size in blocks of 16 tokens (default: from free memory).
+    #[arg(long)]
+    num_blocks: Option<usize>,
+    /// CSV to append the result row to (default: reports/<gpu>/e2e.csv).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Do not write the CSV row.
+    #[arg(long)]
+    no_csv: bool,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(clap::Args)]
@@ -144,6 +188,7 @@ fn run(cli: Cli) -> Result<ExitCode, Setup> {
         }
         Cmd::Check(a) => check_cmd(a),
         Cmd::Roofline(a) => roofline_cmd(a),
+        Cmd::E2e(a) => e2e_cmd(a),
     }
 }
 
@@ -405,4 +450,125 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
+    use workbench::engine::weights::Checkpoint;
+    use workbench::engine::{config::Qwen2Config, hub, model::WeightSource, runner::EngineConfig};
+    let source = hub::resolve_model(&a.model)?;
+    let (cfg, ckpt) = match source.dir() {
+        None => (Qwen2Config::preset(&a.model)?, None),
+        Some(dir) => {
+            let cfg = Qwen2Config::from_file(&dir.join("config.json"))?;
+            let ck = Checkpoint::open(dir, &cfg)?;
+            (cfg, Some(ck))
+        }
+    };
+    let mut requests = workbench::workload::nanovllm_256()?;
+    if let Some(n) = a.num_seqs {
+        if n == 0 || n > requests.len() {
+            return Err(Setup(anyhow::anyhow!(
+                "--num-seqs {n}: the workload has {} requests (use 1..={})",
+                requests.len(),
+                requests.len()
+            )));
+        }
+        requests.truncate(n);
+    }
+    for r in &mut requests {
+        if let Some(m) = a.max_input_len {
+            r.prompt.truncate(m.max(1));
+        }
+        if let Some(m) = a.max_output_len {
+            r.max_tokens = r.max_tokens.min(m.max(1));
+        }
+    }
+    let gpu = Gpu::new(a.device)?;
+    let prov = Provenance::new(gpu.info());
+    println!("{}", prov.line());
+    let ec = EngineConfig {
+        max_num_seqs: a.max_num_seqs,
+        max_batched_tokens: a.max_batched_tokens,
+        max_model_len: a.max_model_len,
+        gpu_memory_utilization: a.gpu_memory_utilization,
+        num_blocks: a.num_blocks,
+    };
+    let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
+    let src = match &ckpt {
+        None => WeightSource::Random { seed: a.seed },
+        Some(c) => {
+            if c.dtype() != a.dtype {
+                println!(
+                    "converting the checkpoint's {} weights to {}",
+                    c.dtype(),
+                    a.dtype
+                );
+            }
+            WeightSource::Tensors(&get)
+        }
+    };
+    let workload =
+        if a.num_seqs.is_some() || a.max_input_len.is_some() || a.max_output_len.is_some() {
+            format!("nanovllm-256[{} seqs]", requests.len())
+        } else {
+            "nanovllm-256".to_string()
+        };
+    let spec = workbench::e2e::E2eSpec {
+        engine_name: "workbench",
+        model_name: &a.model,
+        workload_name: &workload,
+        temperature: a.temperature,
+        seed: a.seed,
+    };
+    println!(
+        "{}: {} requests, {} prompt tokens, {} output tokens, temperature {}, ignore_eos",
+        workload,
+        requests.len(),
+        requests.iter().map(|r| r.prompt.len()).sum::<usize>(),
+        requests.iter().map(|r| r.max_tokens).sum::<usize>(),
+        a.temperature
+    );
+    let res = match a.dtype {
+        DType::BF16 => {
+            workbench::e2e::run::<half::bf16>(&gpu, &cfg, src, ec, &requests, &spec, true)?
+        }
+        DType::F16 => {
+            workbench::e2e::run::<half::f16>(&gpu, &cfg, src, ec, &requests, &spec, true)?
+        }
+        DType::F32 => workbench::e2e::run::<f32>(&gpu, &cfg, src, ec, &requests, &spec, true)?,
+    };
+    let r = &res.row;
+    println!(
+        "{} {} {}: {} seqs, {:.2} s, {:.0} output tok/s, {:.0} total tok/s (prefill {:.0}, decode {:.0} tok/s), \
+         TTFT p50/p99 {:.0}/{:.0} ms, TPOT p50/p99 {:.2}/{:.2} ms, peak GPU memory {:.0} MiB, \
+         {} steps, {} preemptions, {} KV blocks",
+        r.engine, r.model, a.dtype, r.num_seqs, r.seconds, r.output_tok_per_s, r.total_tok_per_s,
+        res.prefill_tok_per_s, res.decode_tok_per_s, r.ttft_p50_ms, res.ttft_p99_ms,
+        r.tpot_p50_ms, res.tpot_p99_ms, res.peak_gpu_mib, res.steps, res.preemptions, res.num_blocks
+    );
+    if let Some((n, mean_s, ctx)) = &res.full_decode {
+        let c = workbench::ceilings::measure(&gpu)?;
+        let floor =
+            workbench::e2e::floor_for(&cfg, a.dtype.size_bytes(), ctx, c.gb_per_s, c.tflop_per_s);
+        println!(
+            "decode step at batch {}: {:.3} ms mean over {n} steps; roofline floor {:.3} ms \
+             ({:.1} MB at {:.0} GB/s); {:.2}x the floor",
+            ctx.len(),
+            mean_s * 1e3,
+            floor.seconds * 1e3,
+            floor.bytes / 1e6,
+            c.gb_per_s,
+            mean_s / floor.seconds
+        );
+    }
+    if !a.no_csv {
+        let path = a.csv.clone().unwrap_or_else(|| {
+            PathBuf::from("reports")
+                .join(gpu_dir(&gpu.info().name))
+                .join("e2e.csv")
+        });
+        workbench::e2e::append_csv(r, &path)?;
+        println!("appended to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -102,3 +102,91 @@ pub fn add_bias<T: Storage>(
     .map_err(KernelError::driver("launch add_bias"))?;
     Ok(())
 }
+
+/// out [n, cols] = src[idx[i], :] for idx [n] (i32); an index outside
+/// [0, rows) gives a NaN row on the device.
+pub fn gather_rows<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    src: &CudaView<T>,
+    idx: &CudaView<i32>,
+    cols: usize,
+) -> Result<()> {
+    const OP: &str = "gather_rows";
+    let n = idx.len();
+    crate::error::check_len(OP, "out [n, cols]", out.len(), n * cols)?;
+    if cols == 0 || src.len() % cols != 0 {
+        return Err(KernelError::Shape {
+            op: OP,
+            arg: "src [rows, cols]",
+            expected: format!("a multiple of cols = {cols}"),
+            actual: format!("{} elements", src.len()),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let rows = crate::error::dim_i32(OP, "rows", src.len() / cols)?;
+    let c = crate::error::dim_i32(OP, "cols", cols)?;
+    let f = typed_function::<T>(gpu, "util", OP)?;
+    // SAFETY: out holds n*cols, src rows*cols (checked); one block per output
+    // row; source rows are range-checked on the device.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(out)
+            .arg(src)
+            .arg(idx)
+            .arg(&rows)
+            .arg(&c)
+            .launch(cfg((crate::launch::grid_u32(OP, "n", n)?, 1, 1), 128))
+    }
+    .map_err(KernelError::driver("launch gather_rows"))?;
+    Ok(())
+}
+
+/// One token id per row of logits [n, ld] (first `vocab` columns): greedy
+/// where inv_temp[i] == 0, else a Gumbel-max draw from softmax(logits / T)
+/// keyed by seeds[i] (deterministic per seed). Writes out [n] (i32).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_rows<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<i32>,
+    logits: &CudaView<T>,
+    ld: usize,
+    vocab: usize,
+    inv_temp: &CudaView<f32>,
+    seeds: &CudaView<u64>,
+) -> Result<()> {
+    const OP: &str = "sample_rows";
+    let n = out.len();
+    crate::error::check_len(OP, "logits [n, ld]", logits.len(), n * ld)?;
+    crate::error::check_len(OP, "inv_temp [n]", inv_temp.len(), n)?;
+    crate::error::check_len(OP, "seeds [n]", seeds.len(), n)?;
+    if vocab == 0 || vocab > ld {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("vocab {vocab} with row stride {ld}"),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let v = crate::error::dim_i32(OP, "vocab", vocab)?;
+    let ld = ld as i64;
+    let f = typed_function::<T>(gpu, "util", OP)?;
+    // SAFETY: lengths checked above; one block per row reads columns < vocab <= ld.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(out)
+            .arg(logits)
+            .arg(&ld)
+            .arg(&v)
+            .arg(inv_temp)
+            .arg(seeds)
+            .launch(cfg((crate::launch::grid_u32(OP, "n", n)?, 1, 1), 512))
+    }
+    .map_err(KernelError::driver("launch sample_rows"))?;
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod floor;
 pub mod hub;
 pub mod model;
+pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod weights;

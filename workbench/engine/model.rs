@@ -1,27 +1,35 @@
 //! The Qwen2 forward on the GPU, assembled from the workbench's kernels and
-//! cuBLAS: a first, eager, one-sequence-at-a-time version whose job is to be
-//! right (it is checked against Hugging Face's logits in `tests/hf_parity.rs`).
-//! Batching, CUDA graphs and an allocation-free decode step come later.
+//! cuBLAS, over a shared paged KV pool: one call runs any mix of sequences'
+//! tokens (a prefill batch or a decode batch from the scheduler). Checked
+//! against Hugging Face's logits in `tests/hf_parity.rs`.
 //!
 //! Per layer, with the residual stream kept as HF rounds it:
 //!   hn = RMSNorm(residual)                         (rmsnorm / fused_add_rmsnorm)
 //!   q, k, v = hn·Wq^T + bq, hn·Wk^T + bk, hn·Wv^T + bv     (linear + add_bias)
-//!   q, k = RoPE(q, k, positions); k, v -> paged cache        (rope, kv_store)
+//!   q = RoPE(q); RoPE(k), v -> paged cache in one pass      (rope_kv_store)
 //!   attn = causal GQA attention of q over the cache          (paged_attention)
 //!   residual += attn·Wo^T; hn = RMSNorm(residual)            (fused_add_rmsnorm)
-//!   residual += down(silu(hn·Wg^T) * (hn·Wu^T))              (linear, silu_mul)
-//! Prefill attention uses the decode kernel with one "sequence" per prompt
-//! token, each seeing the cache up to its own position: causal by
-//! construction, correct, not fast (prefill attention is its own kernel,
-//! issue #4).
+//!   residual += down(silu(hn·[Wg; Wu]^T))          (one GEMM for gate|up, silu_mul)
+//! then the final norm, the LM head only on the rows whose next token is
+//! wanted (`gather_rows`), and sampling on the GPU (`sample_rows`), so a
+//! step copies token ids back, never logits.
+//!
+//! Attention runs one "row" per query token with its sequence's block table
+//! and its own causal length (position + 1): a decode batch is one row per
+//! sequence; a prefill batch is correct the same way, but pays the decode
+//! kernel's per-row cost until the prefill kernel (issue #4) takes over.
+//!
+//! Every activation buffer is allocated once at load for [`ModelLimits`]
+//! (the scheduler's token and sequence caps), so a step allocates no GPU
+//! memory: inputs are copied into the preallocated index buffers.
 
 use super::config::Qwen2Config;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::CudaSlice;
-use kernels::kv_store::KvStoreDims;
 use kernels::paged_attention::PagedAttentionDims;
 use kernels::rmsnorm::RmsNormDims;
-use kernels::rope::{RopeDims, RopeTable};
+use kernels::rope::RopeTable;
+use kernels::rope_kv_store::{RopeKvStoreArgs, RopeKvStoreDims};
 use kernels::{Gpu, KernelError, Storage};
 use thiserror::Error;
 
@@ -49,10 +57,54 @@ pub enum ModelError {
         end: usize,
         capacity: usize,
     },
+    #[error("a step of {got} {what} exceeds the limit of {limit} it was loaded for")]
+    StepTooBig {
+        what: &'static str,
+        got: usize,
+        limit: usize,
+    },
+    #[error("step inputs disagree: {0}")]
+    Inputs(String),
     #[error("empty input")]
     Empty,
     #[error(transparent)]
     Kernel(#[from] KernelError),
+}
+
+/// What the workspace and the KV pool are sized for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// KV-cache blocks of [`BLOCK_SIZE`] tokens, shared by all sequences.
+    pub num_blocks: usize,
+    /// Most tokens in one step.
+    pub max_tokens: usize,
+    /// Most rows sampled in one step (sequences in a batch).
+    pub max_seqs: usize,
+    /// Longest sequence: positions (RoPE table) and block-table width.
+    pub max_model_len: usize,
+}
+
+impl ModelLimits {
+    fn max_blocks_per_seq(&self) -> usize {
+        self.max_model_len.div_ceil(BLOCK_SIZE)
+    }
+}
+
+/// One step's host-side inputs. Attention runs one row per token.
+pub struct StepInput<'a> {
+    /// [t] token ids.
+    pub tokens: &'a [u32],
+    /// [t] positions.
+    pub positions: &'a [i32],
+    /// [t] cache slots (block * BLOCK_SIZE + offset) for the tokens' K/V.
+    pub slots: &'a [i64],
+    /// [t, mbps] block table of each token's sequence, padded with 0.
+    pub tables: &'a [i32],
+    pub mbps: usize,
+    /// [t] keys each token attends to (its position + 1).
+    pub lens: &'a [i32],
+    /// [n] token indices whose logits are wanted (each sequence's last).
+    pub last: &'a [i32],
 }
 
 struct Layer<T> {
@@ -65,39 +117,68 @@ struct Layer<T> {
     v_w: CudaSlice<T>,
     v_b: CudaSlice<T>,
     o_w: CudaSlice<T>,
-    gate_w: CudaSlice<T>,
-    up_w: CudaSlice<T>,
+    /// [2 * intermediate, hidden]: gate rows then up rows, fused at load so
+    /// one GEMM writes silu_mul's [t, gate | up] layout.
+    gate_up_w: CudaSlice<T>,
     down_w: CudaSlice<T>,
     /// [num_blocks, BLOCK_SIZE, kv_heads, head_dim]
     k_cache: CudaSlice<T>,
     v_cache: CudaSlice<T>,
 }
 
+/// Activations and step inputs, sized once for [`ModelLimits`].
+struct Workspace<T> {
+    residual: CudaSlice<T>, // [T, h]
+    hn: CudaSlice<T>,       // [T, h]
+    q: CudaSlice<T>,        // [T, q_heads * d]
+    k: CudaSlice<T>,        // [T, kv_heads * d]
+    v: CudaSlice<T>,        // [T, kv_heads * d]
+    attn: CudaSlice<T>,     // [T, q_heads * d]
+    proj: CudaSlice<T>,     // [T, h]: o_proj, then down_proj output
+    gu: CudaSlice<T>,       // [T, 2I]
+    act: CudaSlice<T>,      // [T, I]
+    last_h: CudaSlice<T>,   // [S, h]
+    logits: CudaSlice<T>,   // [S, vocab]
+    ids: CudaSlice<i32>,    // [T]
+    pos: CudaSlice<i32>,    // [T]
+    slots: CudaSlice<i64>,  // [T]
+    tables: CudaSlice<i32>, // [T, mbps]
+    lens: CudaSlice<i32>,   // [T]
+    last: CudaSlice<i32>,   // [S]
+    inv_temp: CudaSlice<f32>,
+    seeds: CudaSlice<u64>,
+    sampled: CudaSlice<i32>,
+}
+
 pub struct GpuModel<T> {
     cfg: Qwen2Config,
-    /// [vocab, hidden] on the host for the embedding gather.
-    embed_host: Vec<T>,
-    /// [vocab, hidden]: the LM head when tied.
+    limits: ModelLimits,
+    /// [vocab, hidden]; also the LM head when tied.
     embed: CudaSlice<T>,
     lm_head: Option<CudaSlice<T>>,
     final_norm: CudaSlice<T>,
     layers: Vec<Layer<T>>,
     rope: RopeTable,
-    num_blocks: usize,
+    ws: Workspace<T>,
+    /// Logits rows of the last step, for [`GpuModel::logits_host`].
+    last_rows: usize,
 }
 
-fn upload<T: Storage>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, ModelError> {
+fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, ModelError> {
     Ok(gpu
         .stream()
         .clone_htod(v)
         .map_err(KernelError::driver("upload weights"))?)
 }
 
-fn zeros<T: Storage>(gpu: &Gpu, n: usize) -> Result<CudaSlice<T>, ModelError> {
+fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    gpu: &Gpu,
+    n: usize,
+) -> Result<CudaSlice<T>, ModelError> {
     Ok(gpu
         .stream()
         .alloc_zeros::<T>(n.max(1))
-        .map_err(KernelError::driver("allocate activations"))?)
+        .map_err(KernelError::driver("allocate model buffers"))?)
 }
 
 /// y [t, out] = x [t, in] · W^T + b (a projection with bias: q, k, v).
@@ -115,21 +196,22 @@ fn project<T: Storage>(
 where
     CudaBlas: Gemm<T>,
 {
+    let n = t * out_features;
     kernels::linear::linear(
         gpu,
-        &mut y.slice_mut(..),
+        &mut y.slice_mut(..n),
         out_features,
-        &x.slice(..),
+        &x.slice(..t * in_features),
         &w.slice(..),
         t,
         in_features,
         out_features,
     )?;
-    kernels::util::add_bias(gpu, &mut y.slice_mut(..), &b.slice(..), t, out_features)?;
+    kernels::util::add_bias(gpu, &mut y.slice_mut(..n), &b.slice(..), t, out_features)?;
     Ok(())
 }
 
-/// residual += x (rounded to T); hn = RMSNorm(residual) * weight.
+/// residual += x (rounded to T); hn = RMSNorm(residual) * weight, on t rows.
 fn add_norm<T: Storage>(
     gpu: &Gpu,
     hn: &mut CudaSlice<T>,
@@ -138,11 +220,12 @@ fn add_norm<T: Storage>(
     weight: &CudaSlice<T>,
     norm: RmsNormDims,
 ) -> Result<(), ModelError> {
+    let n = norm.tokens * norm.hidden;
     kernels::rmsnorm::fused_add_rmsnorm(
         gpu,
-        &mut hn.slice_mut(..),
-        &mut residual.slice_mut(..),
-        &x.slice(..),
+        &mut hn.slice_mut(..n),
+        &mut residual.slice_mut(..n),
+        &x.slice(..n),
         &weight.slice(..),
         norm,
         kernels::rmsnorm::PRODUCTION,
@@ -150,87 +233,501 @@ fn add_norm<T: Storage>(
     Ok(())
 }
 
+/// Where the weights come from.
+pub enum WeightSource<'a> {
+    /// HF-named tensors as f32 values (a checkpoint, or a test's golden).
+    Tensors(&'a dyn Fn(&str) -> Option<Vec<f32>>),
+    /// Seeded random weights generated on the GPU (the presets): uniform
+    /// with std 0.02 for matrices and embeddings (HF's initializer range),
+    /// biases ±0.02, norm weights in [0.9, 1.1].
+    Random { seed: u64 },
+}
+
 impl<T: Storage> GpuModel<T>
 where
     CudaBlas: Gemm<T>,
 {
     /// Load from a tensor source giving HF-named tensors as f32 values;
-    /// `capacity` is the KV cache size in tokens (one sequence).
+    /// `capacity` is the KV cache size in tokens (one sequence), and also the
+    /// most tokens (and logits rows) of one call (the single-sequence API
+    /// [`GpuModel::forward`] uses).
     pub fn load(
         gpu: &Gpu,
         cfg: &Qwen2Config,
         get: &dyn Fn(&str) -> Option<Vec<f32>>,
         capacity: usize,
     ) -> Result<Self, ModelError> {
+        let limits = ModelLimits {
+            num_blocks: capacity.div_ceil(BLOCK_SIZE).max(1),
+            max_tokens: capacity.max(1),
+            max_seqs: capacity.max(1),
+            max_model_len: capacity.max(1),
+        };
+        Self::build(gpu, cfg, WeightSource::Tensors(get), limits)
+    }
+
+    /// Weights from `src`, KV pool and workspace for `limits`.
+    pub fn build(
+        gpu: &Gpu,
+        cfg: &Qwen2Config,
+        src: WeightSource<'_>,
+        limits: ModelLimits,
+    ) -> Result<Self, ModelError> {
         let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (qd, kd) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-        let host = |name: &str, n: usize| -> Result<Vec<T>, ModelError> {
-            let v = get(name).ok_or_else(|| ModelError::Missing(name.to_string()))?;
-            if v.len() != n {
-                return Err(ModelError::Size {
-                    name: name.into(),
-                    expected: n,
-                    actual: v.len(),
-                });
-            }
-            Ok(v.into_iter().map(|x| T::from_f64(x as f64)).collect())
-        };
-        let dev = |name: &str, n: usize| -> Result<CudaSlice<T>, ModelError> {
-            upload(gpu, &host(name, n)?)
-        };
-        let num_blocks = capacity.div_ceil(BLOCK_SIZE).max(1);
-        let cache = num_blocks * BLOCK_SIZE * kd;
+        let mut counter = 0u64;
+        // One tensor: from the source (checked size), or random on the GPU.
+        let mut tensor =
+            |names: &[&str], n_each: usize, kind: Init| -> Result<CudaSlice<T>, ModelError> {
+                match &src {
+                    WeightSource::Tensors(get) => {
+                        let mut host: Vec<T> = Vec::with_capacity(n_each * names.len());
+                        for name in names {
+                            let v =
+                                get(name).ok_or_else(|| ModelError::Missing(name.to_string()))?;
+                            if v.len() != n_each {
+                                return Err(ModelError::Size {
+                                    name: name.to_string(),
+                                    expected: n_each,
+                                    actual: v.len(),
+                                });
+                            }
+                            host.extend(v.into_iter().map(|x| T::from_f64(x as f64)));
+                        }
+                        upload(gpu, &host)
+                    }
+                    WeightSource::Random { seed } => {
+                        let mut buf = zeros::<T>(gpu, n_each * names.len())?;
+                        counter += 1;
+                        let (lo, hi) = kind.range();
+                        kernels::util::fill_random(
+                            gpu,
+                            &mut buf.slice_mut(..),
+                            seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ counter,
+                            lo,
+                            hi,
+                        )?;
+                        Ok(buf)
+                    }
+                }
+            };
+        let cache = limits.num_blocks * BLOCK_SIZE * kd;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             layers.push(Layer {
-                in_norm: dev(&p("input_layernorm.weight"), h)?,
-                post_norm: dev(&p("post_attention_layernorm.weight"), h)?,
-                q_w: dev(&p("self_attn.q_proj.weight"), qd * h)?,
-                q_b: dev(&p("self_attn.q_proj.bias"), qd)?,
-                k_w: dev(&p("self_attn.k_proj.weight"), kd * h)?,
-                k_b: dev(&p("self_attn.k_proj.bias"), kd)?,
-                v_w: dev(&p("self_attn.v_proj.weight"), kd * h)?,
-                v_b: dev(&p("self_attn.v_proj.bias"), kd)?,
-                o_w: dev(&p("self_attn.o_proj.weight"), h * qd)?,
-                gate_w: dev(&p("mlp.gate_proj.weight"), i * h)?,
-                up_w: dev(&p("mlp.up_proj.weight"), i * h)?,
-                down_w: dev(&p("mlp.down_proj.weight"), h * i)?,
+                in_norm: tensor(&[&p("input_layernorm.weight")], h, Init::Norm)?,
+                post_norm: tensor(&[&p("post_attention_layernorm.weight")], h, Init::Norm)?,
+                q_w: tensor(&[&p("self_attn.q_proj.weight")], qd * h, Init::Matrix)?,
+                q_b: tensor(&[&p("self_attn.q_proj.bias")], qd, Init::Bias)?,
+                k_w: tensor(&[&p("self_attn.k_proj.weight")], kd * h, Init::Matrix)?,
+                k_b: tensor(&[&p("self_attn.k_proj.bias")], kd, Init::Bias)?,
+                v_w: tensor(&[&p("self_attn.v_proj.weight")], kd * h, Init::Matrix)?,
+                v_b: tensor(&[&p("self_attn.v_proj.bias")], kd, Init::Bias)?,
+                o_w: tensor(&[&p("self_attn.o_proj.weight")], h * qd, Init::Matrix)?,
+                gate_up_w: tensor(
+                    &[&p("mlp.gate_proj.weight"), &p("mlp.up_proj.weight")],
+                    i * h,
+                    Init::Matrix,
+                )?,
+                down_w: tensor(&[&p("mlp.down_proj.weight")], h * i, Init::Matrix)?,
                 k_cache: zeros(gpu, cache)?,
                 v_cache: zeros(gpu, cache)?,
             });
         }
-        let embed_host = host("model.embed_tokens.weight", cfg.vocab_size * h)?;
+        let embed = tensor(
+            &["model.embed_tokens.weight"],
+            cfg.vocab_size * h,
+            Init::Matrix,
+        )?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(dev("lm_head.weight", cfg.vocab_size * h)?)
+            Some(tensor(
+                &["lm_head.weight"],
+                cfg.vocab_size * h,
+                Init::Matrix,
+            )?)
+        };
+        let final_norm = tensor(&["model.norm.weight"], h, Init::Norm)?;
+        let (t, s) = (limits.max_tokens, limits.max_seqs);
+        let ws = Workspace {
+            residual: zeros(gpu, t * h)?,
+            hn: zeros(gpu, t * h)?,
+            q: zeros(gpu, t * qd)?,
+            k: zeros(gpu, t * kd)?,
+            v: zeros(gpu, t * kd)?,
+            attn: zeros(gpu, t * qd)?,
+            proj: zeros(gpu, t * h)?,
+            gu: zeros(gpu, t * 2 * i)?,
+            act: zeros(gpu, t * i)?,
+            last_h: zeros(gpu, s * h)?,
+            logits: zeros(gpu, s * cfg.vocab_size)?,
+            ids: zeros(gpu, t)?,
+            pos: zeros(gpu, t)?,
+            slots: zeros(gpu, t)?,
+            tables: zeros(gpu, t * limits.max_blocks_per_seq())?,
+            lens: zeros(gpu, t)?,
+            last: zeros(gpu, s)?,
+            inv_temp: zeros(gpu, s)?,
+            seeds: zeros(gpu, s)?,
+            sampled: zeros(gpu, s)?,
         };
         Ok(GpuModel {
-            embed: upload(gpu, &embed_host)?,
-            embed_host,
+            embed,
             lm_head,
-            final_norm: dev("model.norm.weight", h)?,
+            final_norm,
             layers,
-            rope: RopeTable::new(gpu, capacity.max(1), d, cfg.rope_theta)?,
-            num_blocks,
+            rope: RopeTable::new(gpu, limits.max_model_len, d, cfg.rope_theta)?,
+            ws,
+            limits,
+            last_rows: 0,
             cfg: cfg.clone(),
         })
     }
 
-    pub fn capacity(&self) -> usize {
-        (self.num_blocks * BLOCK_SIZE).min(self.rope.max_positions)
+    pub fn config(&self) -> &Qwen2Config {
+        &self.cfg
     }
 
-    /// Run `tokens` at positions start.. (writing their K/V into the cache)
-    /// and return their logits, [tokens, vocab] row-major, as f32.
+    pub fn limits(&self) -> ModelLimits {
+        self.limits
+    }
+
+    /// Tokens one sequence can hold ([`GpuModel::forward`]'s API).
+    pub fn capacity(&self) -> usize {
+        (self.limits.num_blocks * BLOCK_SIZE)
+            .min(self.limits.max_model_len)
+            .min(self.limits.max_tokens)
+    }
+
+    /// Run one step: every token's K/V goes to its slot, and the logits of
+    /// the `last` rows land in the workspace ([n, vocab]); sample them with
+    /// [`GpuModel::sample`] or read them with [`GpuModel::logits_host`].
+    pub fn step(&mut self, gpu: &Gpu, inp: &StepInput<'_>) -> Result<(), ModelError> {
+        let c = &self.cfg;
+        let t = inp.tokens.len();
+        let n = inp.last.len();
+        if t == 0 || n == 0 {
+            return Err(ModelError::Empty);
+        }
+        let lim = self.limits;
+        for (what, got, limit) in [
+            ("tokens", t, lim.max_tokens),
+            ("sampled rows", n, lim.max_seqs),
+            ("block-table columns", inp.mbps, lim.max_blocks_per_seq()),
+        ] {
+            if got > limit {
+                return Err(ModelError::StepTooBig { what, got, limit });
+            }
+        }
+        if inp.positions.len() != t
+            || inp.slots.len() != t
+            || inp.lens.len() != t
+            || inp.tables.len() != t * inp.mbps
+        {
+            return Err(ModelError::Inputs(format!(
+                "{t} tokens but {} positions, {} slots, {} lengths, {} table entries for {} columns",
+                inp.positions.len(),
+                inp.slots.len(),
+                inp.lens.len(),
+                inp.tables.len(),
+                inp.mbps
+            )));
+        }
+        let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
+        let (qd, kd) = (qh * d, kvh * d);
+        let vocab = c.vocab_size;
+        let mut ids = Vec::with_capacity(t);
+        for (index, &tok) in inp.tokens.iter().enumerate() {
+            if tok as usize >= vocab {
+                return Err(ModelError::Token {
+                    token: tok,
+                    index,
+                    vocab,
+                });
+            }
+            ids.push(tok as i32);
+        }
+        if let Some(&bad) = inp.last.iter().find(|&&i| i < 0 || i as usize >= t) {
+            return Err(ModelError::Inputs(format!(
+                "last-row index {bad} outside 0..{t}"
+            )));
+        }
+        if let Some(&p) = inp
+            .positions
+            .iter()
+            .find(|&&p| p < 0 || p as usize >= lim.max_model_len)
+        {
+            return Err(ModelError::Capacity {
+                start: p.max(0) as usize,
+                end: p.max(0) as usize + 1,
+                capacity: lim.max_model_len,
+            });
+        }
+        let GpuModel {
+            layers,
+            ws,
+            rope,
+            embed,
+            lm_head,
+            final_norm,
+            ..
+        } = self;
+        let s = gpu.stream();
+        let copy = |what: &'static str| KernelError::driver(what);
+        s.memcpy_htod(&ids, &mut ws.ids.slice_mut(..t))
+            .map_err(copy("upload token ids"))?;
+        s.memcpy_htod(inp.positions, &mut ws.pos.slice_mut(..t))
+            .map_err(copy("upload positions"))?;
+        s.memcpy_htod(inp.slots, &mut ws.slots.slice_mut(..t))
+            .map_err(copy("upload slots"))?;
+        s.memcpy_htod(inp.tables, &mut ws.tables.slice_mut(..t * inp.mbps))
+            .map_err(copy("upload block tables"))?;
+        s.memcpy_htod(inp.lens, &mut ws.lens.slice_mut(..t))
+            .map_err(copy("upload context lengths"))?;
+        s.memcpy_htod(inp.last, &mut ws.last.slice_mut(..n))
+            .map_err(copy("upload last-row indices"))?;
+
+        // residual = embed[ids]: [t, h]
+        kernels::util::gather_rows(
+            gpu,
+            &mut ws.residual.slice_mut(..t * h),
+            &embed.slice(..),
+            &ws.ids.slice(..t),
+            h,
+        )?;
+        let norm = RmsNormDims {
+            tokens: t,
+            hidden: h,
+            eps: c.rms_norm_eps as f32,
+        };
+        let num_blocks = lim.num_blocks;
+        use kernels::linear::linear;
+        for (l, w) in layers.iter_mut().enumerate() {
+            if l == 0 {
+                kernels::rmsnorm::rmsnorm(
+                    gpu,
+                    &mut ws.hn.slice_mut(..t * h),
+                    &ws.residual.slice(..t * h),
+                    &w.in_norm.slice(..),
+                    norm,
+                    kernels::rmsnorm::PRODUCTION,
+                )?;
+            } else {
+                add_norm(
+                    gpu,
+                    &mut ws.hn,
+                    &mut ws.residual,
+                    &ws.proj,
+                    &w.in_norm,
+                    norm,
+                )?;
+            }
+            project(gpu, &mut ws.q, &ws.hn, &w.q_w, &w.q_b, t, h, qd)?;
+            project(gpu, &mut ws.k, &ws.hn, &w.k_w, &w.k_b, t, h, kd)?;
+            project(gpu, &mut ws.v, &ws.hn, &w.v_w, &w.v_b, t, h, kd)?;
+            {
+                let mut qv = ws.q.slice_mut(..t * qd);
+                let kv = ws.k.slice(..t * kd);
+                let vv = ws.v.slice(..t * kd);
+                let mut kc = w.k_cache.slice_mut(..);
+                let mut vc = w.v_cache.slice_mut(..);
+                let pv = ws.pos.slice(..t);
+                let sv = ws.slots.slice(..t);
+                kernels::rope_kv_store::rope_kv_store(
+                    gpu,
+                    RopeKvStoreArgs {
+                        q: &mut qv,
+                        k: &kv,
+                        v: &vv,
+                        k_cache: &mut kc,
+                        v_cache: &mut vc,
+                        positions: &pv,
+                        slot_mapping: &sv,
+                    },
+                    rope,
+                    RopeKvStoreDims {
+                        tokens: t,
+                        q_heads: qh,
+                        kv_heads: kvh,
+                        head_dim: d,
+                        block_size: BLOCK_SIZE,
+                        num_blocks,
+                    },
+                )?;
+            }
+            let pad = PagedAttentionDims {
+                batch: t,
+                q_heads: qh,
+                kv_heads: kvh,
+                head_dim: d,
+                block_size: BLOCK_SIZE,
+                num_blocks,
+                max_blocks_per_seq: inp.mbps,
+                scale: 1.0 / (d as f32).sqrt(),
+            };
+            kernels::paged_attention::paged_attention(
+                gpu,
+                &mut ws.attn.slice_mut(..t * qd),
+                &ws.q.slice(..t * qd),
+                &w.k_cache.slice(..),
+                &w.v_cache.slice(..),
+                &ws.tables.slice(..t * inp.mbps),
+                &ws.lens.slice(..t),
+                pad,
+                kernels::paged_attention::PRODUCTION,
+            )?;
+            linear(
+                gpu,
+                &mut ws.proj.slice_mut(..t * h),
+                h,
+                &ws.attn.slice(..t * qd),
+                &w.o_w.slice(..),
+                t,
+                qd,
+                h,
+            )?;
+            add_norm(
+                gpu,
+                &mut ws.hn,
+                &mut ws.residual,
+                &ws.proj,
+                &w.post_norm,
+                norm,
+            )?;
+            // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
+            linear(
+                gpu,
+                &mut ws.gu.slice_mut(..t * 2 * inter),
+                2 * inter,
+                &ws.hn.slice(..t * h),
+                &w.gate_up_w.slice(..),
+                t,
+                h,
+                2 * inter,
+            )?;
+            kernels::silu_mul::silu_mul(
+                gpu,
+                &mut ws.act.slice_mut(..t * inter),
+                &ws.gu.slice(..t * 2 * inter),
+                t,
+                inter,
+            )?;
+            linear(
+                gpu,
+                &mut ws.proj.slice_mut(..t * h),
+                h,
+                &ws.act.slice(..t * inter),
+                &w.down_w.slice(..),
+                t,
+                inter,
+                h,
+            )?;
+        }
+        add_norm(
+            gpu,
+            &mut ws.hn,
+            &mut ws.residual,
+            &ws.proj,
+            final_norm,
+            norm,
+        )?;
+        // Only the rows whose next token is wanted go through the LM head.
+        kernels::util::gather_rows(
+            gpu,
+            &mut ws.last_h.slice_mut(..n * h),
+            &ws.hn.slice(..t * h),
+            &ws.last.slice(..n),
+            h,
+        )?;
+        let head = lm_head.as_ref().unwrap_or(embed);
+        linear(
+            gpu,
+            &mut ws.logits.slice_mut(..n * vocab),
+            vocab,
+            &ws.last_h.slice(..n * h),
+            &head.slice(..),
+            n,
+            h,
+            vocab,
+        )?;
+        self.last_rows = n;
+        Ok(())
+    }
+
+    /// One token per logits row of the last step: greedy where
+    /// `inv_temp[i] == 0`, else drawn from softmax(logits / T) with the row's
+    /// seed (Gumbel-max on the GPU). Copies back n token ids, nothing else.
+    pub fn sample(
+        &mut self,
+        gpu: &Gpu,
+        inv_temp: &[f32],
+        seeds: &[u64],
+    ) -> Result<Vec<u32>, ModelError> {
+        let n = self.last_rows;
+        if inv_temp.len() != n || seeds.len() != n {
+            return Err(ModelError::Inputs(format!(
+                "{n} logits rows but {} temperatures and {} seeds",
+                inv_temp.len(),
+                seeds.len()
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        let ws = &mut self.ws;
+        let s = gpu.stream();
+        s.memcpy_htod(inv_temp, &mut ws.inv_temp.slice_mut(..n))
+            .map_err(KernelError::driver("upload temperatures"))?;
+        s.memcpy_htod(seeds, &mut ws.seeds.slice_mut(..n))
+            .map_err(KernelError::driver("upload seeds"))?;
+        kernels::util::sample_rows(
+            gpu,
+            &mut ws.sampled.slice_mut(..n),
+            &ws.logits.slice(..n * vocab),
+            vocab,
+            vocab,
+            &ws.inv_temp.slice(..n),
+            &ws.seeds.slice(..n),
+        )?;
+        let mut out = vec![0i32; n];
+        s.memcpy_dtoh(&ws.sampled.slice(..n), &mut out)
+            .map_err(KernelError::driver("read sampled tokens"))?;
+        out.into_iter()
+            .map(|x| {
+                u32::try_from(x).map_err(|_| {
+                    ModelError::Inputs("a logits row was all NaN (no token to sample)".into())
+                })
+            })
+            .collect()
+    }
+
+    /// Logits row `row` of the last step, as f32 (for samplers the GPU
+    /// does not do: top-k, top-p).
+    pub fn logits_host(&self, gpu: &Gpu, row: usize) -> Result<Vec<f32>, ModelError> {
+        if row >= self.last_rows {
+            return Err(ModelError::Inputs(format!(
+                "logits row {row} of {}",
+                self.last_rows
+            )));
+        }
+        let vocab = self.cfg.vocab_size;
+        let host = gpu
+            .stream()
+            .clone_dtoh(&self.ws.logits.slice(row * vocab..(row + 1) * vocab))
+            .map_err(KernelError::driver("read logits"))?;
+        Ok(host.into_iter().map(|x| x.to_f64() as f32).collect())
+    }
+
+    /// One sequence occupying the pool from block 0 (identity block table):
+    /// run `tokens` at positions start.. and return their logits, [tokens,
+    /// vocab] row-major, as f32.
     pub fn forward(
         &mut self,
         gpu: &Gpu,
         tokens: &[u32],
         start: usize,
     ) -> Result<Vec<f32>, ModelError> {
-        let c = &self.cfg;
         let t = tokens.len();
         if t == 0 {
             return Err(ModelError::Empty);
@@ -242,198 +739,34 @@ where
                 capacity: self.capacity(),
             });
         }
-        let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
-        let (qd, kd) = (qh * d, kvh * d);
-        // Embedding gather on the host: [t, hidden].
-        let mut x_host = Vec::with_capacity(t * h);
-        for (idx, &tok) in tokens.iter().enumerate() {
-            let row = tok as usize;
-            if row >= c.vocab_size {
-                return Err(ModelError::Token {
-                    token: tok,
-                    index: idx,
-                    vocab: c.vocab_size,
-                });
-            }
-            x_host.extend_from_slice(&self.embed_host[row * h..(row + 1) * h]);
-        }
+        let mbps = (start + t).div_ceil(BLOCK_SIZE);
         let positions: Vec<i32> = (start..start + t).map(|p| p as i32).collect();
         let slots: Vec<i64> = (start..start + t).map(|p| p as i64).collect();
-        let mbps = self.num_blocks;
-        // One attention "sequence" per token, each with the whole block table
-        // (identity: block j holds positions j*16..) and its own causal length.
         let tables: Vec<i32> = (0..t).flat_map(|_| 0..mbps as i32).collect();
         let lens: Vec<i32> = (start..start + t).map(|p| p as i32 + 1).collect();
-        let s = gpu.stream();
-        let up_i32 = |v: &[i32]| {
-            s.clone_htod(v)
-                .map_err(KernelError::driver("upload indices"))
-        };
-        let (d_pos, d_tables, d_lens) = (up_i32(&positions)?, up_i32(&tables)?, up_i32(&lens)?);
-        let d_slots = s
-            .clone_htod(&slots)
-            .map_err(KernelError::driver("upload slots"))?;
-
-        let x = upload(gpu, &x_host)?;
-        let mut residual = zeros::<T>(gpu, t * h)?;
-        let mut hn = zeros::<T>(gpu, t * h)?;
-        let (mut q, mut k, mut v) = (
-            zeros::<T>(gpu, t * qd)?,
-            zeros::<T>(gpu, t * kd)?,
-            zeros::<T>(gpu, t * kd)?,
-        );
-        let mut attn = zeros::<T>(gpu, t * qd)?;
-        let mut proj = zeros::<T>(gpu, t * h)?; // o_proj, then down_proj output
-        let mut gu = zeros::<T>(gpu, t * 2 * inter)?;
-        let mut act = zeros::<T>(gpu, t * inter)?;
-        let norm = RmsNormDims {
-            tokens: t,
-            hidden: h,
-            eps: c.rms_norm_eps as f32,
-        };
-        let cache_len = self.num_blocks * BLOCK_SIZE * kd;
-        use kernels::linear::linear;
-        for (l, w) in self.layers.iter_mut().enumerate() {
-            if l == 0 {
-                s.memcpy_dtod(&x, &mut residual)
-                    .map_err(KernelError::driver("copy residual"))?;
-                kernels::rmsnorm::rmsnorm(
-                    gpu,
-                    &mut hn.slice_mut(..),
-                    &x.slice(..),
-                    &w.in_norm.slice(..),
-                    norm,
-                    kernels::rmsnorm::PRODUCTION,
-                )?;
-            } else {
-                add_norm(gpu, &mut hn, &mut residual, &proj, &w.in_norm, norm)?;
-            }
-            project(gpu, &mut q, &hn, &w.q_w, &w.q_b, t, h, qd)?;
-            project(gpu, &mut k, &hn, &w.k_w, &w.k_b, t, h, kd)?;
-            project(gpu, &mut v, &hn, &w.v_w, &w.v_b, t, h, kd)?;
-            let rd = RopeDims {
-                tokens: t,
-                q_heads: qh,
-                kv_heads: kvh,
-                head_dim: d,
-            };
-            kernels::rope::rope(
-                gpu,
-                &mut q.slice_mut(..),
-                &mut k.slice_mut(..),
-                &d_pos.slice(..),
-                &self.rope,
-                rd,
-                kernels::rope::PRODUCTION,
-            )?;
-            let kvd = KvStoreDims {
-                tokens: t,
-                kv_heads: kvh,
-                head_dim: d,
-                block_size: BLOCK_SIZE,
-                num_blocks: self.num_blocks,
-            };
-            kernels::kv_store::kv_store(
-                gpu,
-                &mut w.k_cache.slice_mut(..cache_len),
-                &mut w.v_cache.slice_mut(..cache_len),
-                &k.slice(..),
-                &v.slice(..),
-                &d_slots.slice(..),
-                kvd,
-                kernels::kv_store::PRODUCTION,
-            )?;
-            let pad = PagedAttentionDims {
-                batch: t,
-                q_heads: qh,
-                kv_heads: kvh,
-                head_dim: d,
-                block_size: BLOCK_SIZE,
-                num_blocks: self.num_blocks,
-                max_blocks_per_seq: mbps,
-                scale: 1.0 / (d as f32).sqrt(),
-            };
-            kernels::paged_attention::paged_attention(
-                gpu,
-                &mut attn.slice_mut(..),
-                &q.slice(..),
-                &w.k_cache.slice(..cache_len),
-                &w.v_cache.slice(..cache_len),
-                &d_tables.slice(..),
-                &d_lens.slice(..),
-                pad,
-                kernels::paged_attention::PRODUCTION,
-            )?;
-            linear(
-                gpu,
-                &mut proj.slice_mut(..),
-                h,
-                &attn.slice(..),
-                &w.o_w.slice(..),
-                t,
-                qd,
-                h,
-            )?;
-            add_norm(gpu, &mut hn, &mut residual, &proj, &w.post_norm, norm)?;
-            // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
-            linear(
-                gpu,
-                &mut gu.slice_mut(..),
-                2 * inter,
-                &hn.slice(..),
-                &w.gate_w.slice(..),
-                t,
-                h,
-                inter,
-            )?;
-            linear(
-                gpu,
-                &mut gu.slice_mut(inter..),
-                2 * inter,
-                &hn.slice(..),
-                &w.up_w.slice(..),
-                t,
-                h,
-                inter,
-            )?;
-            kernels::silu_mul::silu_mul(gpu, &mut act.slice_mut(..), &gu.slice(..), t, inter)?;
-            linear(
-                gpu,
-                &mut proj.slice_mut(..),
-                h,
-                &act.slice(..),
-                &w.down_w.slice(..),
-                t,
-                inter,
-                h,
-            )?;
-        }
-        add_norm(gpu, &mut hn, &mut residual, &proj, &self.final_norm, norm)?;
-        let vocab = c.vocab_size;
-        let mut logits = zeros::<T>(gpu, t * vocab)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        linear(
+        let last: Vec<i32> = (0..t as i32).collect();
+        self.step(
             gpu,
-            &mut logits.slice_mut(..),
-            vocab,
-            &hn.slice(..),
-            &head.slice(..),
-            t,
-            h,
-            vocab,
+            &StepInput {
+                tokens,
+                positions: &positions,
+                slots: &slots,
+                tables: &tables,
+                mbps,
+                lens: &lens,
+                last: &last,
+            },
         )?;
-        let host = s
-            .clone_dtoh(&logits)
+        let vocab = self.cfg.vocab_size;
+        let host = gpu
+            .stream()
+            .clone_dtoh(&self.ws.logits.slice(..t * vocab))
             .map_err(KernelError::driver("read logits"))?;
-        Ok(host
-            .into_iter()
-            .take(t * vocab)
-            .map(|x| x.to_f64() as f32)
-            .collect())
+        Ok(host.into_iter().map(|x| x.to_f64() as f32).collect())
     }
 
-    /// Greedy decoding: prefill `prompt`, then `n` tokens one at a time.
+    /// Greedy decoding of one sequence: prefill `prompt`, then `n` tokens
+    /// one at a time, each picked on the GPU.
     pub fn greedy(&mut self, gpu: &Gpu, prompt: &[u32], n: usize) -> Result<Vec<u32>, ModelError> {
         let vocab = self.cfg.vocab_size;
         let argmax = |row: &[f32]| -> u32 {
@@ -449,11 +782,32 @@ where
         let mut next = argmax(&logits[(prompt.len() - 1) * vocab..prompt.len() * vocab]);
         let mut out = vec![next];
         for pos in prompt.len()..prompt.len() + n.saturating_sub(1) {
-            let l = self.forward(gpu, &[next], pos)?;
-            next = argmax(&l);
+            self.forward(gpu, &[next], pos)?;
+            // The GPU sampler at temperature 0 must agree with the host argmax.
+            next = self.sample(gpu, &[0.0], &[0])?[0];
             out.push(next);
         }
         out.truncate(n);
         Ok(out)
+    }
+}
+
+/// Random-initialization families (std 0.02 is HF's `initializer_range`).
+#[derive(Clone, Copy)]
+enum Init {
+    Matrix,
+    Bias,
+    Norm,
+}
+
+impl Init {
+    fn range(self) -> (f32, f32) {
+        // Uniform(-a, a) has std a / sqrt(3): a = 0.02 * sqrt(3).
+        let a = 0.02 * 3f32.sqrt();
+        match self {
+            Init::Matrix => (-a, a),
+            Init::Bias => (-0.02, 0.02),
+            Init::Norm => (0.9, 1.1),
+        }
     }
 }

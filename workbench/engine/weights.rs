@@ -321,6 +321,25 @@ impl Checkpoint {
         Ok(&self.shards[e.shard].mmap[e.start..e.end])
     }
 
+    /// The tensor widened to f32 (bf16 and f16 exactly; f32 as stored).
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, WeightsError> {
+        let b = self.tensor_bytes(name)?;
+        Ok(match self.dtype {
+            DType::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        })
+    }
+
     /// The mapped files, in the order they were opened.
     pub fn files(&self) -> Vec<&Path> {
         self.shards.iter().map(|s| s.path.as_path()).collect()

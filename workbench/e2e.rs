@@ -1,0 +1,314 @@
+//! `workbench e2e`: the full engine on a fixed request set (nano-vllm's
+//! benchmark by default), timed end to end, with one result line and a row
+//! of `reports/<gpu>/e2e.csv`.
+//!
+//! As nano-vllm's `bench.py`: every request is queued at t = 0 after one
+//! warm-up request (kernel compilation, cuBLAS handles), then the engine
+//! steps until all finish. TTFT counts from t = 0 to the step that samples
+//! a sequence's first token; TPOT is (finish − first token) / (outputs − 1).
+
+use crate::engine::config::Qwen2Config;
+use crate::engine::floor::{decode_step_floor, StepFloor};
+use crate::engine::model::WeightSource;
+use crate::engine::runner::{Engine, EngineConfig, EngineError, Finished};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::scheduler::{BatchKind, Request};
+use crate::workload::WorkloadRequest;
+use cudarc::cublas::{CudaBlas, Gemm};
+use indicatif::{ProgressBar, ProgressStyle};
+use kernels::{Gpu, KernelError, Storage};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// One row of `e2e.csv` (the issue's columns, in order).
+#[derive(Clone, Debug, Serialize)]
+pub struct E2eRow {
+    pub engine: String,
+    pub model: String,
+    pub workload: String,
+    pub num_seqs: usize,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub seconds: f64,
+    pub output_tok_per_s: f64,
+    pub total_tok_per_s: f64,
+    pub ttft_p50_ms: f64,
+    pub tpot_p50_ms: f64,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug)]
+pub struct E2eResult {
+    pub row: E2eRow,
+    pub prefill_tok_per_s: f64,
+    pub decode_tok_per_s: f64,
+    pub ttft_p99_ms: f64,
+    pub tpot_p99_ms: f64,
+    pub peak_gpu_mib: f64,
+    pub preemptions: usize,
+    pub steps: usize,
+    pub num_blocks: usize,
+    /// Decode steps that ran with the full batch: (count, mean seconds,
+    /// context lengths of the last such step).
+    pub full_decode: Option<(usize, f64, Vec<usize>)>,
+}
+
+/// The q-quantile (nearest rank) of `v`; 0 when empty.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+pub struct E2eSpec<'a> {
+    pub engine_name: &'a str,
+    pub model_name: &'a str,
+    pub workload_name: &'a str,
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+/// Run `requests` through a fresh engine; `progress` shows output tokens.
+pub fn run<T: Storage>(
+    gpu: &Gpu,
+    cfg: &Qwen2Config,
+    src: WeightSource<'_>,
+    ec: EngineConfig,
+    requests: &[WorkloadRequest],
+    spec: &E2eSpec<'_>,
+    progress: bool,
+) -> Result<E2eResult, EngineError>
+where
+    CudaBlas: Gemm<T>,
+{
+    let mut engine = Engine::<T>::new(gpu, cfg, src, ec)?;
+    let params = |max_tokens: usize, seed: u64| SamplingParams {
+        temperature: spec.temperature,
+        top_k: 0,
+        top_p: 1.0,
+        seed: Some(seed),
+        ignore_eos: true,
+        max_tokens,
+    };
+    // Warm-up: compile every kernel module and create cuBLAS's handles.
+    let warm = Request {
+        id: u64::MAX,
+        prompt: requests
+            .first()
+            .map(|r| r.prompt[..r.prompt.len().min(16)].to_vec())
+            .unwrap_or_else(|| vec![1]),
+        params: params(4, spec.seed),
+        eos: vec![],
+    };
+    engine
+        .add(warm)
+        .map_err(|e| EngineError::Model(crate::engine::model::ModelError::Inputs(e.to_string())))?;
+    while !engine.is_finished() {
+        engine.step(gpu)?;
+    }
+    engine.take_finished();
+    gpu.synchronize()?;
+
+    let mut added = 0;
+    for (i, r) in requests.iter().enumerate() {
+        let req = Request {
+            id: i as u64,
+            prompt: r.prompt.clone(),
+            params: params(r.max_tokens, spec.seed.wrapping_add(i as u64)),
+            eos: cfg.eos_token_ids.clone(),
+        };
+        // A request the engine cannot take (e.g. longer than --max-model-len)
+        // is reported and skipped; the others run.
+        match engine.add(req) {
+            Ok(_) => added += 1,
+            Err(e) => eprintln!("warning: request {i} rejected: {e}"),
+        }
+    }
+    let total_out: usize = requests.iter().map(|r| r.max_tokens).sum();
+    let bar = if progress {
+        let b = ProgressBar::new(total_out as u64);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} output tokens ({per_sec}) {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    engine.reset_clock();
+    let t0 = Instant::now();
+    let (mut prefill_s, mut decode_s) = (0.0, 0.0);
+    let (mut prefill_tok, mut decode_tok) = (0usize, 0usize);
+    let mut steps = 0;
+    let mut full: Vec<f64> = Vec::new();
+    let mut full_ctx: Vec<usize> = Vec::new();
+    let full_batch = added.min(ec.max_num_seqs);
+    let mut done: Vec<Finished> = Vec::new();
+    while !engine.is_finished() {
+        // Context lengths of a decode step, taken before it runs.
+        let ctx: Vec<usize> = engine
+            .sched
+            .running()
+            .iter()
+            .filter_map(|&id| engine.sched.sequence(id).map(|s| s.len().saturating_sub(1)))
+            .collect();
+        let Some(st) = engine.step(gpu)? else {
+            done.extend(engine.take_finished());
+            continue;
+        };
+        steps += 1;
+        match st.kind {
+            BatchKind::Prefill => {
+                prefill_s += st.seconds;
+                prefill_tok += st.tokens;
+            }
+            BatchKind::Decode => {
+                decode_s += st.seconds;
+                decode_tok += st.tokens;
+                bar.inc(st.seqs as u64);
+                if st.seqs == full_batch && full_batch > 0 {
+                    full.push(st.seconds);
+                    full_ctx = ctx;
+                }
+            }
+        }
+        if st.kind == BatchKind::Prefill {
+            bar.inc(st.seqs as u64);
+        }
+        bar.set_message(format!("{} running", engine.sched.num_running()));
+        done.extend(engine.take_finished());
+    }
+    gpu.synchronize()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    done.extend(engine.take_finished());
+
+    let prompt_tokens: usize = done.iter().map(|f| f.seq.num_prompt_tokens).sum();
+    let output_tokens: usize = done.iter().map(|f| f.seq.num_completion_tokens()).sum();
+    let ttft: Vec<f64> = done.iter().map(|f| f.first_token_s * 1e3).collect();
+    let tpot: Vec<f64> = done
+        .iter()
+        .filter(|f| f.seq.num_completion_tokens() > 1)
+        .map(|f| (f.finish_s - f.first_token_s) * 1e3 / (f.seq.num_completion_tokens() - 1) as f64)
+        .collect();
+    let (free, total) = gpu
+        .context()
+        .mem_get_info()
+        .map_err(KernelError::driver("query GPU memory"))?;
+    let row = E2eRow {
+        engine: spec.engine_name.to_string(),
+        model: spec.model_name.to_string(),
+        workload: spec.workload_name.to_string(),
+        num_seqs: done.len(),
+        prompt_tokens,
+        output_tokens,
+        seconds,
+        output_tok_per_s: output_tokens as f64 / seconds,
+        total_tok_per_s: (prompt_tokens + output_tokens) as f64 / seconds,
+        ttft_p50_ms: quantile(&ttft, 0.5),
+        tpot_p50_ms: quantile(&tpot, 0.5),
+    };
+    let per_s = |tok: usize, s: f64| if s > 0.0 { tok as f64 / s } else { 0.0 };
+    Ok(E2eResult {
+        row,
+        prefill_tok_per_s: per_s(prefill_tok, prefill_s),
+        decode_tok_per_s: per_s(decode_tok, decode_s),
+        ttft_p99_ms: quantile(&ttft, 0.99),
+        tpot_p99_ms: quantile(&tpot, 0.99),
+        peak_gpu_mib: (total - free) as f64 / (1u64 << 20) as f64,
+        preemptions: engine.sched.num_preemptions(),
+        steps,
+        num_blocks: engine.model.limits().num_blocks,
+        full_decode: (!full.is_empty()).then(|| {
+            (
+                full.len(),
+                full.iter().sum::<f64>() / full.len() as f64,
+                full_ctx,
+            )
+        }),
+    })
+}
+
+/// The decode step's floor for the context lengths of a full-batch step.
+pub fn floor_for(
+    cfg: &Qwen2Config,
+    dtype_bytes: usize,
+    ctx: &[usize],
+    gb_per_s: f64,
+    tflop_per_s: f64,
+) -> StepFloor {
+    decode_step_floor(cfg, dtype_bytes, ctx, gb_per_s, tflop_per_s)
+}
+
+/// Append `row` to `path` (header when the file is new or empty).
+pub fn append_csv(row: &E2eRow, path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let fresh = std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut w = csv::WriterBuilder::new().has_headers(fresh).from_writer(f);
+    w.serialize(row)?;
+    w.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(|x| x as f64).collect();
+        assert_eq!(quantile(&v, 0.5), 50.0);
+        assert_eq!(quantile(&v, 0.99), 99.0);
+        assert_eq!(quantile(&[3.0], 0.99), 3.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn csv_gets_one_header_and_appends_rows() {
+        let dir = std::env::temp_dir().join(format!("wb-e2e-{}", std::process::id()));
+        let path = dir.join("e2e.csv");
+        let _ = std::fs::remove_file(&path);
+        let row = E2eRow {
+            engine: "workbench".into(),
+            model: "qwen2-0.5b".into(),
+            workload: "nanovllm-256".into(),
+            num_seqs: 2,
+            prompt_tokens: 10,
+            output_tokens: 20,
+            seconds: 1.5,
+            output_tok_per_s: 13.3,
+            total_tok_per_s: 20.0,
+            ttft_p50_ms: 1.0,
+            tpot_p50_ms: 2.0,
+        };
+        append_csv(&row, &path).unwrap();
+        append_csv(&row, &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(
+            lines[0],
+            "engine,model,workload,num_seqs,prompt_tokens,output_tokens,seconds,\
+             output_tok_per_s,total_tok_per_s,ttft_p50_ms,tpot_p50_ms"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
