@@ -32,6 +32,30 @@
 // with the log-sum-exp rule, in a fixed order (deterministic). The split count
 // comes from the host: enough blocks to fill the SMs twice. Needs head_dim a
 // multiple of 16/sizeof(T) and group <= 16.
+//
+// v3 (tensor cores + cp.async pipeline, after FlashAttention-2 and
+// flash-decoding): v2 was 4-13x slower than FlashInfer because each thread
+// walked a K row with one 16-byte load at a time (few bytes in flight), the V
+// loop was serial over tokens, scores went through shared memory and every
+// product ran on CUDA cores. v3 keeps v2's grid (kv head, sequence, split) and
+// its merge kernel, but inside a block each of 4 warps owns every 4th chunk of
+// 16 tokens of the split and streams its chunks' K and V rows into its own
+// 3-stage (2 for head_dim > 128) shared-memory ring with 16-byte cp.async.cg,
+// resolving each token's slot through the block table one chunk ahead, so
+// several chunks per warp are in flight while it computes. The query group,
+// padded to 16 rows with zeros, is the A operand of mma.m16n8k16 (bf16 or
+// f16, f32 accumulators), held in registers; S = Q K^T takes its B fragments
+// from K with ldmatrix, the online softmax runs on the accumulator fragments
+// in registers (quad shuffles, exp2 of log2e-scaled scores), and P, rounded
+// to the storage type, becomes the A operand of P V with V fragments from
+// ldmatrix.trans (FlashAttention-2's register reuse). Masked tokens get score
+// -inf and zero-filled K/V rows (cp.async with source size 0), so NaN in
+// unused slots cannot reach a sum. The warps merge (max, sum, accumulator)
+// through shared memory in a fixed order at the end of the split. Head dims
+// 32, 64, 80, 96, 128, 256; f32 storage, other head dims and unaligned
+// buffers are dispatched by the launcher to v2 (or v1), since tensor cores
+// cannot keep f32's accuracy. Split plan: one resident wave of blocks
+// (occupancy from the driver), splits of whole 64-token tiles.
 
 #define PA_WARPS 4
 #define PA_MAX_CHUNKS 8  // head_dim <= 32 * 8
@@ -369,3 +393,438 @@ __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __r
         paged_attention_merge_impl<T>(out, part_o, part_ml, q_heads, head_dim, splits);          \
     }
 WB_FOR_EACH_DTYPE(WB_PAGED_ATTENTION_V2)
+
+// ---------------------------------------------------------------------------
+// v3: tensor cores and a cp.async pipeline (bf16 and f16 storage only).
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix fragments for
+// mma.m16n8k16"), lane = 4 g + c, g = lane / 4, c = lane % 4; each 32-bit
+// register holds two 16-bit elements, the lower index in the lower half:
+//   A 16x16 (row): a0 = A[g][2c..2c+1]   a1 = A[g+8][2c..2c+1]
+//                  a2 = A[g][2c+8..2c+9] a3 = A[g+8][2c+8..2c+9]
+//   B 16x8 (col):  b0 = B[2c..2c+1][g]   b1 = B[2c+8..2c+9][g]
+//   C 16x8 (f32):  c0, c1 = C[g][2c..2c+1]  c2, c3 = C[g+8][2c..2c+1]
+// ldmatrix.x4 takes the row addresses of matrix i (8 rows of 8 16-bit
+// elements, 16 contiguous bytes each) from lanes 8i..8i+7 and gives lane
+// (g, c) in register i the pair M_i[g][2c..2c+1]; with .trans it gives
+// M_i[2c][g], M_i[2c+1][g].
+//
+// One warp step covers a chunk of 16 tokens. Rows of the products are query
+// heads of the group (row h < G is head kvh * G + h; rows G..15 are zeros
+// and never written out). Shared memory holds the chunk as Ks[16 tokens][D]
+// and Vs[16 tokens][D], row stride D + 8 elements.
+//   S = Q K^T, per k16 step kk (dims 16 kk..16 kk + 15):
+//     A = Q[:, 16kk..]: loaded once from global into qa[kk][0..3] exactly as
+//       the A layout says (32-bit loads of two adjacent dims).
+//     B for tokens 0-7 (n tile 0): B[k][n] = K[n][16kk + k], so
+//       b0 = K[g][16kk+2c..+1] and b1 = K[g][16kk+8+2c..+1]: rows of K in
+//       memory order, i.e. ldmatrix without .trans of M0 = K[0..7][16kk..+7]
+//       and M1 = K[0..7][16kk+8..+15]; tokens 8-15 (n tile 1) are M2, M3 with
+//       rows 8..15. Lane L points at token (L/8 / 2) * 8 + L%8, column
+//       16kk + (L/8 % 2) * 8.
+//     C: s0 = S[g][tokens 2c, 2c+1], S[g+8][2c, 2c+1]; s1 the same for
+//       tokens 8+2c, 9+2c. A thread sees 4 tokens of rows g and g+8; the
+//       4 lanes of a quad (same g) see all 16, so row max and sum need only
+//       shuffles over lane bits 0 and 1.
+//   O += P V, one k16 step (the chunk's 16 tokens):
+//     A = P: a0 = P[g][2c..2c+1] = s0[0..1], a1 = P[g+8][2c..] = s0[2..3],
+//       a2 = P[g][2c+8..] = s1[0..1], a3 = P[g+8][2c+8..] = s1[2..3]: the C
+//       fragments of the two n tiles of S are the A fragment (FA2's trick).
+//     B for dims 8nn..8nn+7: B[k][n] = V[k][8nn + n], b0 = V[2c..2c+1][8nn+g]
+//       is M^T[g][2c..] of M = V[0..7][8nn..+7] as stored: ldmatrix.trans
+//       of M0 = V[0..7][8nn..], M1 = V[8..15][8nn..] (b1), M2, M3 the same
+//       for dims 8(nn+1).. (the next n tile). Lane L points at token
+//       (L/8 % 2) * 8 + L%8, column 8 (nn + L/8 / 2).
+//     C: acc[nn][0..1] = O[g][8nn+2c..], acc[nn][2..3] = O[g+8][8nn+2c..].
+// Bank conflicts: ldmatrix reads 8 rows of 16 bytes per matrix; a row stride
+// of D + 8 elements is (D/8 + 1) 16-byte units, odd since D is a multiple of
+// 16, so the 8 rows land in 8 different 4-bank groups.
+
+#define PA3_WARPS 4
+#define PA3_CHUNK 16                      // tokens per warp step (the k16 of P V)
+#define PA3_TILE (PA3_WARPS * PA3_CHUNK)  // the host splits in whole tiles
+#define PA3_LOG2E 1.4426950408889634f
+#define PA3_LN2 0.6931471805599453f
+
+template <int D> struct Pa3Cfg {
+    static_assert(D % 16 == 0 && D <= 256, "head_dim a multiple of 16, at most 256");
+    static constexpr int STAGES = D <= 128 ? 3 : 2;          // ring depth per warp
+    static constexpr int RS = D + 8;                          // smem row stride, elements
+    static constexpr int CPR = D / 8;                         // 16-byte pieces per row
+    static constexpr int KSTEPS = D / 16;                     // k16 steps of Q K^T
+    static constexpr int NT = D / 8;                          // n8 tiles of P V
+    static constexpr int STAGE_ELEMS = 2 * PA3_CHUNK * RS;    // K rows, then V rows
+    // Must match v3_smem_bytes in kernels/src/paged_attention.rs.
+    static constexpr int SMEM_BYTES = PA3_WARPS * STAGES * STAGE_ELEMS * 2;
+    // The end-of-split merge reuses the ring for [warps][16][D] f32.
+    static_assert(PA3_WARPS * 16 * D * 4 <= SMEM_BYTES, "merge buffer fits the ring");
+};
+
+__device__ __forceinline__ unsigned pa3_smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16-byte global -> shared copy, cached in L2 only (.cg: the stream is read
+// once). With `valid` false the source size is 0: nothing is read and the
+// 16 destination bytes are zero-filled.
+__device__ __forceinline__ void pa3_cp_async16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void pa3_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void pa3_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void pa3_ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void pa3_ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// The 16-bit type's mma and its pack/unpack of two elements in a register.
+template <typename T> struct Pa3Mma;
+template <> struct Pa3Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<const unsigned*>(&h);
+    }
+    static __device__ __forceinline__ float2 unpack(unsigned u) {
+        return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+    }
+};
+template <> struct Pa3Mma<__half> {
+    static __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        const __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<const unsigned*>(&h);
+    }
+    static __device__ __forceinline__ float2 unpack(unsigned u) {
+        return __half22float2(*reinterpret_cast<const __half2*>(&u));
+    }
+};
+
+// Four storage elements: one 8-byte store of the output.
+template <typename T> struct alignas(8) Pa3Out4 { T v[4]; };
+
+template <typename T, int D>
+__device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__ part_o,
+                                        float* __restrict__ part_ml, const T* __restrict__ q,
+                                        const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                                        const int* __restrict__ block_tables,
+                                        const int* __restrict__ context_lens, float scale,
+                                        int q_heads, int kv_heads, int block_size,
+                                        int max_blocks_per_seq, int num_blocks, int split_tokens) {
+    using C = Pa3Cfg<D>;
+    using M = Pa3Mma<T>;
+    // [warps][STAGES][K rows | V rows][16][D + 8] storage elements; after the
+    // loop, [warps][16][D] f32 partial outputs.
+    extern __shared__ __align__(16) unsigned char pa3_smem[];
+    __shared__ float s_m[PA3_WARPS][16], s_l[PA3_WARPS][16], s_w[PA3_WARPS][16];
+    __shared__ float s_M[16], s_L[16];
+    __shared__ int s_bad;
+
+    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int G = q_heads / kv_heads;
+    // As v1/v2: a context outside [0, table capacity] reads nothing, gives NaN.
+    const int ctx_raw = context_lens[b];
+    const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= max_blocks_per_seq * block_size;
+    const int n = ctx_ok ? ctx_raw : 0;
+    const int start = split * split_tokens;
+    const int end = min(n, start + split_tokens);
+    const int nch = end > start ? (end - start + PA3_CHUNK - 1) / PA3_CHUNK : 0;
+    // This warp's chunks: warp, warp + 4, ... of the split.
+    const int n_my = nch > warp ? (nch - warp + PA3_WARPS - 1) / PA3_WARPS : 0;
+    const int* table = block_tables + (i64)b * max_blocks_per_seq;
+    const i64 row = (i64)kv_heads * D;  // elements per cache slot
+    const T* kbase = k_cache + (i64)kvh * D;
+    const T* vbase = v_cache + (i64)kvh * D;
+    const float cl2 = scale * PA3_LOG2E;  // scores in log2 units: exp2 below
+    if (threadIdx.x == 0) s_bad = !ctx_ok;
+
+    // Q as the A operand, rows >= G zero (their scores are 0 or -inf, never
+    // NaN, and they are never written out).
+    unsigned qa[C::KSTEPS][4];
+    {
+        const T* q0 = q + ((i64)b * q_heads + (i64)kvh * G) * D;
+        const unsigned* r0 = reinterpret_cast<const unsigned*>(q0 + g * D + 2 * c);
+        const unsigned* r1 = reinterpret_cast<const unsigned*>(q0 + (g + 8) * D + 2 * c);
+        const bool h0 = g < G, h1 = g + 8 < G;
+#pragma unroll
+        for (int kk = 0; kk < C::KSTEPS; ++kk) {
+            qa[kk][0] = h0 ? r0[kk * 8] : 0u;      // Q[g][16kk + 2c..]
+            qa[kk][1] = h1 ? r1[kk * 8] : 0u;      // Q[g+8][16kk + 2c..]
+            qa[kk][2] = h0 ? r0[kk * 8 + 4] : 0u;  // Q[g][16kk + 8 + 2c..]
+            qa[kk][3] = h1 ? r1[kk * 8 + 4] : 0u;  // Q[g+8][16kk + 8 + 2c..]
+        }
+    }
+
+    const unsigned ring =
+        pa3_smem_addr(pa3_smem) + (unsigned)(warp * C::STAGES * C::STAGE_ELEMS * 2);
+    bool bad = false;
+
+    // Lane l (and l + 16) resolves token l % 16 of a chunk. `fetch` only
+    // starts the block-table load; `slot_of` uses it one iteration later, so
+    // the load's latency hides behind a chunk of math. Tokens at or past the
+    // end of the split get slot -1 (zero-filled, masked).
+    auto fetch = [&](int i, int& j, int& blk) {
+        j = start + (warp + PA3_WARPS * i) * PA3_CHUNK + (lane & 15);
+        blk = (i < n_my && j < end) ? __ldg(table + j / block_size) : 0;
+    };
+    auto slot_of = [&](int j, int blk) -> int {
+        if (j >= end) return -1;
+        if (blk < 0 || blk >= num_blocks) {  // never read out of range: NaN result
+            bad = true;
+            return -1;
+        }
+        return blk * block_size + (j - (j / block_size) * block_size);
+    };
+    // Copy a chunk's K and V rows into ring stage `st`. Piece p = lane + 32 k
+    // of the 16 x CPR 16-byte pieces is token p / CPR, piece p % CPR of its
+    // row: consecutive lanes read consecutive 16 bytes of a row.
+    auto issue = [&](int st, int slot) {
+        const unsigned kdst = ring + (unsigned)(st * C::STAGE_ELEMS * 2);
+        const unsigned vdst = kdst + (unsigned)(PA3_CHUNK * C::RS * 2);
+#pragma unroll
+        for (int k = 0; k < C::CPR / 2; ++k) {
+            const int p = lane + 32 * k;
+            const int t = p / C::CPR, col = p - t * C::CPR;
+            const int s = __shfl_sync(0xffffffffu, slot, t);
+            const bool ok = s >= 0;
+            const i64 off = ok ? (i64)s * row + col * 8 : 0;
+            const unsigned so = (unsigned)((t * C::RS + col * 8) * 2);
+            pa3_cp_async16(kdst + so, kbase + off, ok);
+            pa3_cp_async16(vdst + so, vbase + off, ok);
+        }
+    };
+
+    float m0 = WB_NEG_INF, m1 = WB_NEG_INF;  // running max of rows g, g+8 (log2 units)
+    float l0 = 0.f, l1 = 0.f;                // this thread's part of the row sums
+    float acc[C::NT][4];
+#pragma unroll
+    for (int nn = 0; nn < C::NT; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nn][e] = 0.f;
+
+    // ldmatrix row addresses of this lane within a stage (see the layout
+    // comment): K without .trans, V with .trans.
+    const int mi = lane >> 3, mr = lane & 7;
+    const unsigned k_lane = (unsigned)((((mi >> 1) * 8 + mr) * C::RS + (mi & 1) * 8) * 2);
+    const unsigned v_lane =
+        (unsigned)(PA3_CHUNK * C::RS * 2 + (((mi & 1) * 8 + mr) * C::RS + (mi >> 1) * 8) * 2);
+
+    // Pipeline: chunks 0..STAGES-2 in flight before the loop; iteration i
+    // issues chunk i + STAGES - 1 into the stage chunk i - 1 used, then waits
+    // for chunk i. One commit group per chunk slot (empty past the end) keeps
+    // "group i holds chunk i", so wait_group STAGES-1 means chunk i landed.
+    int pj, pblk;
+#pragma unroll
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+        fetch(s, pj, pblk);
+        if (s < n_my) issue(s, slot_of(pj, pblk));
+        pa3_cp_async_commit();
+    }
+    fetch(C::STAGES - 1, pj, pblk);
+
+    for (int i = 0; i < n_my; ++i) {
+        const int nx = i + C::STAGES - 1;
+        __syncwarp();  // every lane is done reading stage nx % STAGES (chunk i - 1)
+        if (nx < n_my) issue(nx % C::STAGES, slot_of(pj, pblk));
+        pa3_cp_async_commit();
+        fetch(nx + 1, pj, pblk);
+        pa3_cp_async_wait<C::STAGES - 1>();
+        __syncwarp();  // other lanes' copies of chunk i are visible
+
+        const unsigned st = ring + (unsigned)((i % C::STAGES) * C::STAGE_ELEMS * 2);
+        // Valid tokens of this chunk: t < tt (tt >= 1 here).
+        const int tt = end - (start + (warp + PA3_WARPS * i) * PA3_CHUNK);
+
+        // S = Q K^T for the chunk's 16 tokens.
+        float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < C::KSTEPS; ++kk) {
+            unsigned kb[4];
+            pa3_ldmatrix_x4(kb, st + k_lane + kk * 32);
+            M::mma(s0, qa[kk], kb[0], kb[1]);
+            M::mma(s1, qa[kk], kb[2], kb[3]);
+        }
+        // Scale to log2 units and mask: s0[e] is token 2c + (e & 1), s1[e]
+        // token 8 + 2c + (e & 1); e < 2 row g, e >= 2 row g + 8.
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int t = 2 * c + (e & 1);
+            s0[e] = t < tt ? s0[e] * cl2 : WB_NEG_INF;
+            s1[e] = t + 8 < tt ? s1[e] * cl2 : WB_NEG_INF;
+        }
+        float mx0 = fmaxf(fmaxf(s0[0], s0[1]), fmaxf(s1[0], s1[1]));
+        float mx1 = fmaxf(fmaxf(s0[2], s0[3]), fmaxf(s1[2], s1[3]));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        // A row whose max is still -inf uses base 0, so -inf - base stays
+        // -inf (weight 0) instead of NaN. Token 0 is always valid here, so
+        // this only matters for inputs that are themselves -inf.
+        const float b0 = mn0 == WB_NEG_INF ? 0.f : mn0;
+        const float b1 = mn1 == WB_NEG_INF ? 0.f : mn1;
+        const float cr0 = exp2f(m0 - b0), cr1 = exp2f(m1 - b1);  // 0 on the first chunk
+        m0 = mn0;
+        m1 = mn1;
+        unsigned pa[4];
+        pa[0] = M::pack(exp2f(s0[0] - b0), exp2f(s0[1] - b0));  // P[g][2c..]
+        pa[1] = M::pack(exp2f(s0[2] - b1), exp2f(s0[3] - b1));  // P[g+8][2c..]
+        pa[2] = M::pack(exp2f(s1[0] - b0), exp2f(s1[1] - b0));  // P[g][2c+8..]
+        pa[3] = M::pack(exp2f(s1[2] - b1), exp2f(s1[3] - b1));  // P[g+8][2c+8..]
+        // Sum the weights as rounded for the mma, so numerator and
+        // denominator see the same P (a dominant weight then cancels exactly).
+        const float2 u0 = M::unpack(pa[0]), u1 = M::unpack(pa[1]);
+        const float2 u2 = M::unpack(pa[2]), u3 = M::unpack(pa[3]);
+        l0 = l0 * cr0 + ((u0.x + u0.y) + (u2.x + u2.y));
+        l1 = l1 * cr1 + ((u1.x + u1.y) + (u3.x + u3.y));
+#pragma unroll
+        for (int nn = 0; nn < C::NT; ++nn) {
+            acc[nn][0] *= cr0;
+            acc[nn][1] *= cr0;
+            acc[nn][2] *= cr1;
+            acc[nn][3] *= cr1;
+        }
+        // O += P V (masked tokens have P = 0 and zero-filled V rows).
+#pragma unroll
+        for (int nn = 0; nn < C::NT; nn += 2) {
+            unsigned vb[4];
+            pa3_ldmatrix_x4_trans(vb, st + v_lane + nn * 16);
+            M::mma(acc[nn], pa, vb[0], vb[1]);
+            M::mma(acc[nn + 1], pa, vb[2], vb[3]);
+        }
+    }
+
+    // Row sums over the quad, in a fixed order.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    bad = __any_sync(0xffffffffu, bad);
+    pa3_cp_async_wait<0>();  // only empty groups remain; the ring is reused below
+    __syncthreads();         // every warp is done with its ring (and s_bad is initialized)
+
+    // Merge the warps: partial outputs to shared memory, [warp][16 rows][D].
+    float* wacc = reinterpret_cast<float*>(pa3_smem);
+    if (bad && lane == 0) s_bad = 1;
+    if (c == 0) {
+        s_m[warp][g] = m0;
+        s_m[warp][g + 8] = m1;
+        s_l[warp][g] = l0;
+        s_l[warp][g + 8] = l1;
+    }
+#pragma unroll
+    for (int nn = 0; nn < C::NT; ++nn) {
+        float* r0 = wacc + (warp * 16 + g) * D + nn * 8 + 2 * c;
+        float* r1 = wacc + (warp * 16 + g + 8) * D + nn * 8 + 2 * c;
+        *reinterpret_cast<float2*>(r0) = make_float2(acc[nn][0], acc[nn][1]);
+        *reinterpret_cast<float2*>(r1) = make_float2(acc[nn][2], acc[nn][3]);
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        const int h = threadIdx.x;
+        float mx = WB_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < PA3_WARPS; ++w) mx = fmaxf(mx, s_m[w][h]);
+        float L = 0.f;
+#pragma unroll
+        for (int w = 0; w < PA3_WARPS; ++w) {
+            const float wm = s_m[w][h];
+            const float wgt = wm == WB_NEG_INF ? 0.f : exp2f(wm - mx);
+            s_w[w][h] = wgt;
+            L += s_l[w][h] * wgt;
+        }
+        s_M[h] = mx;
+        s_L[h] = L;
+    }
+    __syncthreads();
+
+    const bool any_bad = s_bad != 0;
+    constexpr int Q4 = D / 4;
+    for (int it = threadIdx.x; it < G * Q4; it += PA3_WARPS * 32) {
+        const int h = it / Q4, d = (it - h * Q4) * 4;
+        float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < PA3_WARPS; ++w) {
+            const float wgt = s_w[w][h];
+            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * D + d);
+            o[0] += a.x * wgt;
+            o[1] += a.y * wgt;
+            o[2] += a.z * wgt;
+            o[3] += a.w * wgt;
+        }
+        const i64 qh = (i64)b * q_heads + (i64)kvh * G + h;
+        if (splits == 1) {
+            const float L = s_L[h];
+            Pa3Out4<T> r;
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                r.v[e] = from_f32<T>(any_bad ? WB_NAN : (L > 0.f ? o[e] / L : 0.f));
+            *reinterpret_cast<Pa3Out4<T>*>(out + qh * D + d) = r;
+        } else {
+            *reinterpret_cast<float4*>(part_o + (qh * splits + split) * D + d) =
+                make_float4(o[0], o[1], o[2], o[3]);
+        }
+    }
+    if (splits > 1 && threadIdx.x < G) {
+        // The merge kernel works in natural-log units, as v2 writes them.
+        const int h = threadIdx.x;
+        const float mx = s_M[h];
+        float* ml = part_ml + (((i64)b * q_heads + (i64)kvh * G + h) * splits + split) * 2;
+        ml[0] = any_bad ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
+        ml[1] = s_L[h];
+    }
+}
+
+// One entry point per (head_dim, 16-bit storage type):
+// paged_attention_v3_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
+// register budget must allow (the ring of a d128 block is 102 KiB).
+#define WB_PAGED_ATTENTION_V3(T, S, D)                                                           \
+    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
+        paged_attention_v3_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
+                                      const T* k_cache, const T* v_cache,                        \
+                                      const int* block_tables, const int* context_lens,          \
+                                      float scale, int q_heads, int kv_heads, int block_size,    \
+                                      int max_blocks_per_seq, int num_blocks, int split_tokens) { \
+        paged_attention_v3_impl<T, D>(out, part_o, part_ml, q, k_cache, v_cache, block_tables,   \
+                                      context_lens, scale, q_heads, kv_heads, block_size,        \
+                                      max_blocks_per_seq, num_blocks, split_tokens);             \
+    }
+#define WB_PAGED_ATTENTION_V3_DIMS(T, S) \
+    WB_PAGED_ATTENTION_V3(T, S, 32)      \
+    WB_PAGED_ATTENTION_V3(T, S, 64)      \
+    WB_PAGED_ATTENTION_V3(T, S, 80)      \
+    WB_PAGED_ATTENTION_V3(T, S, 96)      \
+    WB_PAGED_ATTENTION_V3(T, S, 128)     \
+    WB_PAGED_ATTENTION_V3(T, S, 256)
+WB_PAGED_ATTENTION_V3_DIMS(__nv_bfloat16, bf16)
+WB_PAGED_ATTENTION_V3_DIMS(__half, f16)

@@ -5,13 +5,14 @@ use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
 use crate::launch::{cfg, grid_u32, typed_function};
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2"];
-pub const PRODUCTION: &str = "v2";
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
+pub const PRODUCTION: &str = "v3";
 
 /// v2's launch constants (paged_attention.cu).
 const V2_THREADS: u32 = 128;
@@ -24,6 +25,43 @@ pub fn v2_splits(batch: usize, kv_heads: usize, max_ctx: usize, sm_count: usize)
     let tiles = max_ctx.div_ceil(V2_TILE).max(1);
     let want = (2 * sm_count).div_ceil(ctas).clamp(1, tiles);
     let split_tokens = tiles.div_ceil(want) * V2_TILE;
+    (max_ctx.div_ceil(split_tokens).max(1), split_tokens)
+}
+
+/// v3's launch constants (paged_attention.cu: PA3_WARPS, PA3_TILE, Pa3Cfg).
+const V3_THREADS: u32 = 128;
+const V3_TILE: usize = 64;
+const V3_MAX_GROUP: usize = 16;
+/// Head dims with a compiled v3 entry point (`paged_attention_v3_d{D}_*`).
+const V3_HEAD_DIMS: &[usize] = &[32, 64, 80, 96, 128, 256];
+
+/// v3's dynamic shared memory: per warp a ring of `stages` chunks of 16
+/// tokens, K and V rows of head_dim + 8 16-bit elements (Pa3Cfg::SMEM_BYTES).
+fn v3_smem_bytes(head_dim: usize) -> usize {
+    let stages = if head_dim <= 128 { 3 } else { 2 };
+    (V3_THREADS as usize / 32) * stages * 2 * 16 * (head_dim + 8) * 2
+}
+
+/// v3's split-KV plan: (splits, tokens per split). The blocks of all splits
+/// should fit on the card at once (`sm_count * blocks_per_sm`, from the
+/// occupancy API), since a partial second wave would leave most SMs idle
+/// while a few finish, and a memory-bound block needs no second wave to hide
+/// latency (its own cp.async ring does). So: as many splits as fit in one
+/// resident wave, at least one, in whole 64-token tiles, never more splits
+/// than tiles. Sequences that already fill the card are not split (each
+/// split adds a partial write and a merge read of group x head_dim floats).
+pub fn v3_splits(
+    batch: usize,
+    kv_heads: usize,
+    max_ctx: usize,
+    sm_count: usize,
+    blocks_per_sm: usize,
+) -> (usize, usize) {
+    let ctas = (batch * kv_heads).max(1);
+    let slots = sm_count.max(1) * blocks_per_sm.max(1);
+    let tiles = max_ctx.div_ceil(V3_TILE).max(1);
+    let want = (slots / ctas).clamp(1, tiles);
+    let split_tokens = tiles.div_ceil(want) * V3_TILE;
     (max_ctx.div_ceil(split_tokens).max(1), split_tokens)
 }
 
@@ -112,6 +150,7 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
+        "v3" => return launch_v3(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
         other => {
             return Err(KernelError::Unsupported {
                 op: OP,
@@ -245,31 +284,202 @@ fn launch_v2<T: Storage>(
     }
     .map_err(KernelError::driver("launch paged_attention_v2"))?;
     if splits > 1 {
-        let m = typed_function::<T>(gpu, "paged_attention", "paged_attention_merge")?;
-        let splits_i = splits as i32;
-        // SAFETY: reads the partials written above, writes out (checked length).
-        unsafe {
-            gpu.stream()
-                .launch_builder(&m)
-                .arg(out)
-                .arg(&mut po)
-                .arg(&mut pml)
-                .arg(&q_heads)
-                .arg(&head_dim)
-                .arg(&splits_i)
-                .launch(cfg(
-                    (d.q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1),
-                    128,
-                ))
+        launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
+    }
+    Ok(())
+}
+
+/// Combine the splits' partials (v2's and v3's layout): out [batch, q_heads,
+/// head_dim] from part_o [batch, q_heads, splits, head_dim] and part_ml
+/// [batch, q_heads, splits, 2] (max in natural-log units, sum).
+fn launch_merge<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    po: &mut CudaViewMut<f32>,
+    pml: &mut CudaViewMut<f32>,
+    d: PagedAttentionDims,
+    splits: usize,
+) -> Result<()> {
+    let m = typed_function::<T>(gpu, "paged_attention", "paged_attention_merge")?;
+    let (q_heads, head_dim, splits_i) = (d.q_heads as i32, d.head_dim as i32, splits as i32);
+    // SAFETY: reads the partials written by the split kernel (the caller
+    // sized them batch*q_heads*splits*(head_dim + 2) floats), writes out
+    // (length checked by `paged_attention`).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&m)
+            .arg(out)
+            .arg(po)
+            .arg(pml)
+            .arg(&q_heads)
+            .arg(&head_dim)
+            .arg(&splits_i)
+            .launch(cfg(
+                (d.q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1),
+                128,
+            ))
+    }
+    .map_err(KernelError::driver("launch paged_attention_merge"))?;
+    Ok(())
+}
+
+/// True when every pointer is 16-byte aligned. v3 copies cache rows with
+/// 16-byte cp.async (which needs it), loads q in 4-byte pairs and stores out
+/// in 8-byte quads; one rule for all four keeps the check simple.
+fn v3_aligned<T: Storage>(
+    gpu: &Gpu,
+    out: &CudaViewMut<T>,
+    q: &CudaView<T>,
+    k_cache: &CudaView<T>,
+    v_cache: &CudaView<T>,
+) -> bool {
+    let s = gpu.stream();
+    let ptrs = [
+        out.device_ptr(s).0,
+        q.device_ptr(s).0,
+        k_cache.device_ptr(s).0,
+        v_cache.device_ptr(s).0,
+    ];
+    ptrs.iter().all(|p| p % 16 == 0)
+}
+
+/// v3: v2's grid and merge with tensor cores and a per-warp cp.async ring
+/// (see paged_attention.cu). f32 storage goes to v2: the mma takes 16-bit
+/// operands, which cannot keep f32's 1e-5 accuracy. Head dims without a v3
+/// entry point go to v2 as well, and buffers that are not 16-byte aligned
+/// (a view at an odd offset) to v1, the only variant without vector loads.
+/// Shapes were checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn launch_v3<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    q: &CudaView<T>,
+    k_cache: &CudaView<T>,
+    v_cache: &CudaView<T>,
+    block_tables: &CudaView<i32>,
+    context_lens: &CudaView<i32>,
+    d: PagedAttentionDims,
+) -> Result<()> {
+    let group = d.q_heads / d.kv_heads;
+    if group > V3_MAX_GROUP {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("v3 with group {group} (at most {V3_MAX_GROUP})"),
+        });
+    }
+    if T::DTYPE == crate::dtype::DType::F32 || !V3_HEAD_DIMS.contains(&d.head_dim) {
+        return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d);
+    }
+    if !v3_aligned(gpu, out, q, k_cache, v_cache) {
+        return paged_attention(
+            gpu,
+            out,
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            context_lens,
+            d,
+            "v1",
+        );
+    }
+    let symbol = format!("paged_attention_v3_d{}", d.head_dim);
+    let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
+    let smem = v3_smem_bytes(d.head_dim);
+    // More than the default 48 KiB of dynamic shared memory must be opted into.
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(KernelError::driver(format!("cuFuncSetAttribute({symbol})")))?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(V3_THREADS, smem, None)
+        .map_err(KernelError::driver(format!(
+            "cuOccupancyMaxActiveBlocksPerMultiprocessor({symbol})"
+        )))?;
+    if per_sm == 0 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("v3 with head_dim {}: {smem} bytes of shared memory per block do not fit this device", d.head_dim),
+        });
+    }
+    let max_ctx = d.max_blocks_per_seq * d.block_size;
+    let (splits, split_tokens) = v3_splits(
+        d.batch,
+        d.kv_heads,
+        max_ctx,
+        gpu.info().sm_count.max(1) as usize,
+        per_sm as usize,
+    );
+    let part_o = d.batch * d.q_heads * splits * d.head_dim;
+    let part_ml = d.batch * d.q_heads * splits * 2;
+    let mut scratch = gpu.scratch(4 * (part_o + part_ml))?;
+    let buf = scratch.as_mut().ok_or_else(|| KernelError::Unsupported {
+        op: OP,
+        what: "scratch buffer missing".into(),
+    })?;
+    // SAFETY: the scratch holds at least 4 * (part_o + part_ml) bytes (sized above).
+    let mut ws = unsafe { buf.transmute_mut::<f32>(part_o + part_ml) }.ok_or_else(|| {
+        KernelError::Unsupported {
+            op: OP,
+            what: "scratch too small".into(),
         }
-        .map_err(KernelError::driver("launch paged_attention_merge"))?;
+    })?;
+    let (mut po, mut pml) = ws.split_at_mut(part_o);
+    let (scale, q_heads, kv_heads) = (d.scale, d.q_heads as i32, d.kv_heads as i32);
+    let (block_size, mbps, num_blocks, st) = (
+        d.block_size as i32,
+        d.max_blocks_per_seq as i32,
+        d.num_blocks as i32,
+        split_tokens as i32,
+    );
+    let grid = (
+        d.kv_heads as u32,
+        grid_u32(OP, "batch", d.batch)?,
+        splits as u32,
+    );
+    // SAFETY: lengths were checked by `paged_attention`; q, out and both
+    // caches are 16-byte aligned (checked above) and head_dim is a multiple of
+    // 16, so every cp.async row piece, q pair and out quad is aligned; the
+    // group is at most 16 (the mma's rows); the workspace views hold
+    // batch*q_heads*splits*(head_dim + 2) floats; context lengths and block
+    // ids are range-checked on the device as in v1 (a bad one gives NaN and
+    // is never dereferenced); the dynamic shared memory is the kernel's ring
+    // size for this head_dim, opted into above.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(&mut *out)
+            .arg(&mut po)
+            .arg(&mut pml)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(block_tables)
+            .arg(context_lens)
+            .arg(&scale)
+            .arg(&q_heads)
+            .arg(&kv_heads)
+            .arg(&block_size)
+            .arg(&mbps)
+            .arg(&num_blocks)
+            .arg(&st)
+            .launch(LaunchConfig {
+                grid_dim: grid,
+                block_dim: (V3_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+    }
+    .map_err(KernelError::driver(format!("launch {symbol}")))?;
+    if splits > 1 {
+        launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::v2_splits;
+    use super::{v2_splits, v3_smem_bytes, v3_splits};
 
     #[test]
     fn split_plan_fills_the_card_and_covers_the_context() {
@@ -284,6 +494,51 @@ mod tests {
                 "{b} {kv} {ctx}: {s} x {t}"
             );
             assert_eq!(t % 64, 0);
+        }
+    }
+
+    #[test]
+    fn v3_split_plan_is_one_resident_wave_of_whole_tiles() {
+        // 256 x 8 = 2048 blocks already fill 132 SMs x 2: no split.
+        assert_eq!(v3_splits(256, 8, 2048, 132, 2), (1, 2048));
+        // 64 x 2 = 128 blocks, 264 slots: 2 splits of 2048 tokens.
+        assert_eq!(v3_splits(64, 2, 4096, 132, 2), (2, 2048));
+        // 8 x 8 = 64 blocks: 4 splits of 8192.
+        assert_eq!(v3_splits(8, 8, 32768, 132, 2), (4, 8192));
+        // One sequence, 2 kv heads, 1024 tokens: as many splits as tiles.
+        assert_eq!(v3_splits(1, 2, 1024, 132, 4), (16, 64));
+        // Nothing to attend to still launches one split.
+        assert_eq!(v3_splits(3, 2, 0, 132, 2), (1, 64));
+        for (b, kv, ctx, per_sm) in [
+            (8, 8, 32768, 2),
+            (3, 2, 85, 4),
+            (1, 1, 1, 2),
+            (64, 2, 4096, 2),
+            (64, 2, 1024, 4),
+            (100, 2, 777, 3),
+            (2, 2, 4097, 2),
+        ] {
+            let (s, t) = v3_splits(b, kv, ctx, 132, per_sm);
+            assert!(
+                s * t >= ctx && (s - 1) * t < ctx.max(1),
+                "{b} {kv} {ctx}: {s} x {t}"
+            );
+            assert_eq!(t % 64, 0);
+            // One resident wave, unless a single split already overflows it.
+            assert!(s == 1 || b * kv * s <= 132 * per_sm, "{b} {kv} {ctx}: {s}");
+        }
+    }
+
+    #[test]
+    fn v3_ring_matches_the_kernel_and_fits_an_h100() {
+        // Pa3Cfg: 4 warps x stages x (K, V) x 16 rows x (D + 8) x 2 bytes.
+        assert_eq!(v3_smem_bytes(64), 4 * 3 * 2 * 16 * 72 * 2);
+        assert_eq!(v3_smem_bytes(128), 4 * 3 * 2 * 16 * 136 * 2);
+        assert_eq!(v3_smem_bytes(256), 4 * 2 * 2 * 16 * 264 * 2);
+        for d in super::V3_HEAD_DIMS {
+            // The end-of-split merge reuses the ring for [4][16][D] f32.
+            assert!(v3_smem_bytes(*d) >= 4 * 16 * d * 4);
+            assert!(v3_smem_bytes(*d) <= 227 * 1024);
         }
     }
 }

@@ -44,6 +44,11 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "v2",
         note: "split-KV over (kv head, sequence, split), the GQA group served from one K/V read, 16-byte loads, log-sum-exp merge",
+        production: false,
+    },
+    Variant {
+        name: "v3",
+        note: "v2's grid on tensor cores: mma.m16n8k16 for Q.K^T and P.V, per-warp cp.async rings, online softmax in registers, one resident wave of splits (f32 runs v2)",
         production: true,
     },
 ];
