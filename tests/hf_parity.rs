@@ -292,7 +292,7 @@ fn engine_greedy(
     gpu: &kernels::Gpu,
     ec: workbench::engine::runner::EngineConfig,
     prompts: &[(Vec<u32>, usize)],
-) -> (Vec<Vec<u32>>, usize) {
+) -> (Vec<Vec<u32>>, usize, usize) {
     use workbench::engine::model::WeightSource;
     use workbench::engine::runner::Engine;
     use workbench::engine::sampler::SamplingParams;
@@ -345,6 +345,7 @@ fn engine_greedy(
         "blocks leaked"
     );
     let preemptions = engine.sched.num_preemptions();
+    let graphs = engine.model.num_graphs();
     let out = ids
         .iter()
         .map(|id| {
@@ -354,7 +355,7 @@ fn engine_greedy(
                 .expect("every request finishes")
         })
         .collect();
-    (out, preemptions)
+    (out, preemptions, graphs)
 }
 
 #[test]
@@ -379,6 +380,7 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         max_model_len: 64,
         gpu_memory_utilization: 0.9,
         num_blocks: Some(64),
+        cuda_graphs: false,
     };
     // Batch 1: one sequence at a time.
     let solo: Vec<Vec<u32>> = prompts
@@ -392,14 +394,22 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
     for (c, out) in cases.iter().zip(&solo) {
         assert_eq!(out, &c.greedy, "batch-1 engine vs HF for {:?}", c.prompt);
     }
-    let (batched, _) = engine_greedy(&gpu, base, &prompts);
+    let (batched, _, _) = engine_greedy(&gpu, base, &prompts);
     assert_eq!(batched, solo, "full batch vs batch 1");
+    // Decode steps replayed from CUDA graphs (padded batches).
+    let graphs = EngineConfig {
+        cuda_graphs: true,
+        ..base
+    };
+    let (replayed, _, captured) = engine_greedy(&gpu, graphs, &prompts);
+    assert!(captured > 0, "decode steps must have replayed captured graphs");
+    assert_eq!(replayed, solo, "CUDA graphs vs eager");
     // A pool of 4 blocks (64 tokens) for all of them: preemption by recompute.
     let small = EngineConfig {
         num_blocks: Some(4),
         ..base
     };
-    let (pre, preemptions) = engine_greedy(&gpu, small, &prompts);
+    let (pre, preemptions, _) = engine_greedy(&gpu, small, &prompts);
     println!("small pool: {preemptions} preemptions");
     assert!(preemptions > 0, "the small pool must force preemption");
     assert_eq!(pre, solo, "with preemption vs batch 1");

@@ -77,6 +77,9 @@ struct E2eArgs {
     /// CSV to append the result row to (default: reports/<gpu>/e2e.csv).
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Launch every kernel of a decode step eagerly (no CUDA graphs).
+    #[arg(long)]
+    eager: bool,
     /// Do not write the CSV row.
     #[arg(long)]
     no_csv: bool,
@@ -492,6 +495,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         max_model_len: a.max_model_len,
         gpu_memory_utilization: a.gpu_memory_utilization,
         num_blocks: a.num_blocks,
+        cuda_graphs: !a.eager,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
     let src = match &ckpt {

@@ -32,6 +32,7 @@ pub struct Gpu {
     /// attention's partial results). Grown only outside graph capture: a
     /// captured graph keeps the pointer it saw, so callers size it first.
     scratch: Mutex<Option<CudaSlice<u8>>>,
+    scratch_generation: std::sync::atomic::AtomicU64,
 }
 
 fn require_lib(present: bool, lib: &'static str, hint: &str) -> Result<()> {
@@ -130,6 +131,7 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             scratch: Mutex::new(None),
+            scratch_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -213,6 +215,9 @@ impl Gpu {
     ) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<u8>>>> {
         let mut g = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         if g.as_ref().is_none_or(|b| b.len() < bytes) {
+            // Captured CUDA graphs hold the old address: they check this count.
+            self.scratch_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             *g = None; // free the old one first
             *g = Some(
                 self.stream
@@ -221,6 +226,13 @@ impl Gpu {
             );
         }
         Ok(g)
+    }
+
+    /// Bumped each time the scratch is reallocated: a CUDA graph captured
+    /// with generation g may replay only while this is still g.
+    pub fn scratch_generation(&self) -> u64 {
+        self.scratch_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Compile and load every embedded source now (first-use cost out of timings).

@@ -25,7 +25,9 @@
 
 use super::config::Qwen2Config;
 use cudarc::cublas::{CudaBlas, Gemm};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
+use std::collections::HashMap;
 use kernels::paged_attention::PagedAttentionDims;
 use kernels::rmsnorm::RmsNormDims;
 use kernels::rope::RopeTable;
@@ -162,6 +164,9 @@ pub struct GpuModel<T> {
     ws: Workspace<T>,
     /// Logits rows of the last step, for [`GpuModel::logits_host`].
     last_rows: usize,
+    /// Decode graphs by padded batch size, with the scratch generation
+    /// they were captured under (a reallocated scratch invalidates them).
+    graphs: HashMap<usize, (CudaGraph, u64)>,
 }
 
 fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, ModelError> {
@@ -382,6 +387,7 @@ where
             ws,
             limits,
             last_rows: 0,
+            graphs: HashMap::new(),
             cfg: cfg.clone(),
         })
     }
@@ -401,10 +407,8 @@ where
             .min(self.limits.max_tokens)
     }
 
-    /// Run one step: every token's K/V goes to its slot, and the logits of
-    /// the `last` rows land in the workspace ([n, vocab]); sample them with
-    /// [`GpuModel::sample`] or read them with [`GpuModel::logits_host`].
-    pub fn step(&mut self, gpu: &Gpu, inp: &StepInput<'_>) -> Result<(), ModelError> {
+    /// Check a step's inputs against the limits; the token ids as i32.
+    fn validate(&self, inp: &StepInput<'_>) -> Result<Vec<i32>, ModelError> {
         let c = &self.cfg;
         let t = inp.tokens.len();
         let n = inp.last.len();
@@ -435,9 +439,6 @@ where
                 inp.mbps
             )));
         }
-        let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
-        let (qd, kd) = (qh * d, kvh * d);
         let vocab = c.vocab_size;
         let mut ids = Vec::with_capacity(t);
         for (index, &tok) in inp.tokens.iter().enumerate() {
@@ -466,18 +467,33 @@ where
                 capacity: lim.max_model_len,
             });
         }
-        let GpuModel {
-            layers,
-            ws,
-            rope,
-            embed,
-            lm_head,
-            final_norm,
-            ..
-        } = self;
+        Ok(ids)
+    }
+
+    /// Run one step: every token's K/V goes to its slot, and the logits of
+    /// the `last` rows land in the workspace ([n, vocab]); sample them with
+    /// [`GpuModel::sample`] or read them with [`GpuModel::logits_host`].
+    pub fn step(&mut self, gpu: &Gpu, inp: &StepInput<'_>) -> Result<(), ModelError> {
+        let ids = self.validate(inp)?;
+        let (t, n) = (inp.tokens.len(), inp.last.len());
+        self.upload_checked(gpu, inp, &ids)?;
+        self.launch_forward(gpu, t, n, inp.mbps)?;
+        self.last_rows = n;
+        Ok(())
+    }
+
+    /// Validate `inp` as [`GpuModel::step`] does and copy it into the workspace.
+    fn upload(&mut self, gpu: &Gpu, inp: &StepInput<'_>) -> Result<(), ModelError> {
+        let ids = self.validate(inp)?;
+        self.upload_checked(gpu, inp, &ids)
+    }
+
+    fn upload_checked(&mut self, gpu: &Gpu, inp: &StepInput<'_>, ids: &[i32]) -> Result<(), ModelError> {
+        let (t, n) = (inp.tokens.len(), inp.last.len());
+        let ws = &mut self.ws;
         let s = gpu.stream();
         let copy = |what: &'static str| KernelError::driver(what);
-        s.memcpy_htod(&ids, &mut ws.ids.slice_mut(..t))
+        s.memcpy_htod(ids, &mut ws.ids.slice_mut(..t))
             .map_err(copy("upload token ids"))?;
         s.memcpy_htod(inp.positions, &mut ws.pos.slice_mut(..t))
             .map_err(copy("upload positions"))?;
@@ -489,7 +505,125 @@ where
             .map_err(copy("upload context lengths"))?;
         s.memcpy_htod(inp.last, &mut ws.last.slice_mut(..n))
             .map_err(copy("upload last-row indices"))?;
+        Ok(())
+    }
 
+    /// A decode step (one token per sequence) replayed from a CUDA graph
+    /// captured once per padded batch size (`bucket`): the batch is padded
+    /// with rows that write no cache slot (slot -1) and attend to one
+    /// token, the block tables to the full width the graph was captured
+    /// with. Same results as [`GpuModel::step`] for the real rows; one
+    /// graph launch instead of ~11 launches per layer.
+    pub fn step_decode_graph(
+        &mut self,
+        gpu: &Gpu,
+        inp: &StepInput<'_>,
+        bucket: usize,
+    ) -> Result<(), ModelError> {
+        let n = inp.tokens.len();
+        if inp.last.len() != n || (0..n).any(|i| inp.last[i] != i as i32) {
+            return Err(ModelError::Inputs(
+                "a decode step samples every row, in order".into(),
+            ));
+        }
+        if bucket < n || bucket > self.limits.max_seqs.min(self.limits.max_tokens) {
+            return Err(ModelError::StepTooBig {
+                what: "padded decode rows",
+                got: bucket.max(n),
+                limit: self.limits.max_seqs.min(self.limits.max_tokens),
+            });
+        }
+        let width = self.limits.max_blocks_per_seq();
+        if inp.mbps > width {
+            return Err(ModelError::StepTooBig {
+                what: "block-table columns",
+                got: inp.mbps,
+                limit: width,
+            });
+        }
+        let mut tokens = inp.tokens.to_vec();
+        tokens.resize(bucket, 0);
+        let mut positions = inp.positions.to_vec();
+        positions.resize(bucket, 0);
+        let mut slots = inp.slots.to_vec();
+        slots.resize(bucket, -1);
+        let mut lens = inp.lens.to_vec();
+        lens.resize(bucket, 1);
+        let mut tables = Vec::with_capacity(bucket * width);
+        for r in inp.tables.chunks(inp.mbps.max(1)).take(n) {
+            tables.extend_from_slice(r);
+            tables.extend(std::iter::repeat_n(0, width - r.len()));
+        }
+        tables.resize(bucket * width, 0);
+        let last: Vec<i32> = (0..bucket as i32).collect();
+        // Upload through the eager path's checks, then replay (or capture).
+        let padded = StepInput {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            tables: &tables,
+            mbps: width,
+            lens: &lens,
+            last: &last,
+        };
+        self.upload(gpu, &padded)?;
+        let generation = gpu.scratch_generation();
+        let fresh = self
+            .graphs
+            .get(&bucket)
+            .is_some_and(|(_, g)| *g == generation);
+        if !fresh {
+            // Run once eagerly (loads modules, sizes the scratch), then capture.
+            self.launch_forward(gpu, bucket, bucket, width)?;
+            gpu.synchronize()?;
+            let s = gpu.stream().clone();
+            s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(KernelError::driver("cuStreamBeginCapture"))?;
+            let captured = self.launch_forward(gpu, bucket, bucket, width);
+            let graph = s
+                .end_capture(CUgraphInstantiate_flags(0))
+                .map_err(KernelError::driver("cuStreamEndCapture"))?;
+            captured?;
+            let graph = graph.ok_or_else(|| {
+                ModelError::Inputs("decode graph capture produced no graph".into())
+            })?;
+            if gpu.scratch_generation() != generation {
+                return Err(ModelError::Inputs(
+                    "the scratch was reallocated during capture".into(),
+                ));
+            }
+            self.graphs.insert(bucket, (graph, generation));
+        }
+        let (graph, _) = &self.graphs[&bucket];
+        graph.launch().map_err(KernelError::driver("cuGraphLaunch"))?;
+        self.last_rows = n;
+        Ok(())
+    }
+
+    /// Number of decode graphs captured so far.
+    pub fn num_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    /// Every launch of one forward over the workspace's first t tokens
+    /// (inputs already in `ws`): no host work but launches, no allocation,
+    /// so a CUDA graph can capture it.
+    fn launch_forward(&mut self, gpu: &Gpu, t: usize, n: usize, mbps: usize) -> Result<(), ModelError> {
+        let c = &self.cfg;
+        let lim = self.limits;
+        let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
+        let (qd, kd) = (qh * d, kvh * d);
+        let vocab = c.vocab_size;
+        let GpuModel {
+            layers,
+            ws,
+            rope,
+            embed,
+            lm_head,
+            final_norm,
+            ..
+        } = self;
         // residual = embed[ids]: [t, h]
         kernels::util::gather_rows(
             gpu,
@@ -565,7 +699,7 @@ where
                 head_dim: d,
                 block_size: BLOCK_SIZE,
                 num_blocks,
-                max_blocks_per_seq: inp.mbps,
+                max_blocks_per_seq: mbps,
                 scale: 1.0 / (d as f32).sqrt(),
             };
             kernels::paged_attention::paged_attention(
@@ -574,7 +708,7 @@ where
                 &ws.q.slice(..t * qd),
                 &w.k_cache.slice(..),
                 &w.v_cache.slice(..),
-                &ws.tables.slice(..t * inp.mbps),
+                &ws.tables.slice(..t * mbps),
                 &ws.lens.slice(..t),
                 pad,
                 kernels::paged_attention::PRODUCTION,
@@ -653,7 +787,6 @@ where
             h,
             vocab,
         )?;
-        self.last_rows = n;
         Ok(())
     }
 

@@ -62,6 +62,8 @@ pub struct EngineConfig {
     pub gpu_memory_utilization: f64,
     /// Force the pool size (tests of preemption); `None` sizes it from memory.
     pub num_blocks: Option<usize>,
+    /// Replay decode steps from CUDA graphs captured per padded batch size.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +74,7 @@ impl Default for EngineConfig {
             max_model_len: 4096,
             gpu_memory_utilization: 0.9,
             num_blocks: None,
+            cuda_graphs: true,
         }
     }
 }
@@ -101,6 +104,17 @@ pub struct Engine<T> {
     cpu_rngs: HashMap<SeqId, SmallRng>,
     first_token: HashMap<SeqId, f64>,
     start: Instant,
+    cuda_graphs: bool,
+    /// Padded decode batch sizes (nano-vllm's: 1, 2, 4, 8, then every 16).
+    buckets: Vec<usize>,
+}
+
+/// Decode graph sizes up to `max`: 1, 2, 4, 8, 16, 32, ... every 16, and `max`.
+pub fn graph_buckets(max: usize) -> Vec<usize> {
+    let mut b: Vec<usize> = [1, 2, 4, 8].into_iter().filter(|&x| x < max).collect();
+    b.extend((16..max).step_by(16));
+    b.push(max);
+    b
 }
 
 /// Bytes of activations and step inputs the model allocates for `limits`
@@ -182,6 +196,8 @@ where
             cpu_rngs: HashMap::new(),
             first_token: HashMap::new(),
             start: Instant::now(),
+            cuda_graphs: ec.cuda_graphs,
+            buckets: graph_buckets(ec.max_num_seqs.min(ec.max_batched_tokens).max(1)),
         })
     }
 
@@ -243,18 +259,27 @@ where
             }
             last.push(tokens.len() as i32 - 1);
         }
-        self.model.step(
-            gpu,
-            &StepInput {
-                tokens: &tokens,
-                positions: &positions,
-                slots: &slots,
-                tables: &tables,
-                mbps,
-                lens: &lens,
-                last: &last,
-            },
-        )?;
+        let inp = StepInput {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            tables: &tables,
+            mbps,
+            lens: &lens,
+            last: &last,
+        };
+        let bucket = self.buckets.iter().copied().find(|&b| b >= batch.len());
+        match (batch.kind, bucket) {
+            (BatchKind::Decode, Some(b)) if self.cuda_graphs => {
+                if let Err(e) = self.model.step_decode_graph(gpu, &inp, b) {
+                    // Eager launches compute the same step; say why once.
+                    eprintln!("warning: CUDA graphs off for this engine ({e}); running eagerly");
+                    self.cuda_graphs = false;
+                    self.model.step(gpu, &inp)?;
+                }
+            }
+            _ => self.model.step(gpu, &inp)?,
+        }
         // Per-row sampling: the GPU for greedy / temperature, the CPU
         // sampler for rows with top-k or top-p.
         let mut inv_temp = Vec::with_capacity(batch.len());
@@ -358,6 +383,19 @@ mod tests {
         assert!(a > 0 && b > 100 * a, "{a} {b}");
         // 512 rows of bf16 logits alone are 512 * 151936 * 2 bytes.
         assert!(b > 512 * 151_936 * 2);
+    }
+
+    #[test]
+    fn graph_buckets_cover_every_batch_size() {
+        assert_eq!(graph_buckets(1), vec![1]);
+        assert_eq!(graph_buckets(8), vec![1, 2, 4, 8]);
+        assert_eq!(graph_buckets(40), vec![1, 2, 4, 8, 16, 32, 40]);
+        let b = graph_buckets(512);
+        assert_eq!(b.len(), 4 + 31 + 1);
+        for n in 1..=512 {
+            let k = b.iter().find(|&&x| x >= n).unwrap();
+            assert!(*k - n < 16, "{n} -> {k}");
+        }
     }
 
     #[test]
