@@ -402,7 +402,10 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         ..base
     };
     let (replayed, _, captured) = engine_greedy(&gpu, graphs, &prompts);
-    assert!(captured > 0, "decode steps must have replayed captured graphs");
+    assert!(
+        captured > 0,
+        "decode steps must have replayed captured graphs"
+    );
     assert_eq!(replayed, solo, "CUDA graphs vs eager");
     // A pool of 4 blocks (64 tokens) for all of them: preemption by recompute.
     let small = EngineConfig {

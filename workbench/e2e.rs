@@ -52,6 +52,65 @@ pub struct E2eResult {
     /// Decode steps that ran with the full batch: (count, mean seconds,
     /// context lengths of the last such step).
     pub full_decode: Option<(usize, f64, Vec<usize>)>,
+    /// One decode step at that batch and those contexts, op by op.
+    pub breakdown: Option<Breakdown>,
+}
+
+/// GPU time of one decode step by op (µs per step, medians of 20 eager
+/// runs with an event between ops) and the same step replayed as a graph.
+#[derive(Clone, Debug)]
+pub struct Breakdown {
+    pub batch: usize,
+    pub ops: Vec<(&'static str, f64)>,
+    /// Sum of `ops`: the step's kernel time without launch gaps.
+    pub kernels_us: f64,
+    /// Median of 50 replays of the captured decode graph.
+    pub graph_us: Option<f64>,
+}
+
+/// Host inputs of a synthetic decode step: sequence i has `ctx[i]` cached
+/// tokens in its own run of blocks (laid out one after another from block
+/// 0) and adds token `ctx[i]`. `None` when the pool is too small.
+#[allow(clippy::type_complexity)]
+pub fn synthetic_decode(
+    ctx: &[usize],
+    block_size: usize,
+    num_blocks: usize,
+) -> Option<(
+    Vec<u32>,
+    Vec<i32>,
+    Vec<i64>,
+    Vec<i32>,
+    usize,
+    Vec<i32>,
+    Vec<i32>,
+)> {
+    let mbps = ctx.iter().map(|&c| (c + 1).div_ceil(block_size)).max()?;
+    let (mut positions, mut slots, mut tables, mut lens) = (vec![], vec![], vec![], vec![]);
+    let mut next = 0usize;
+    for &c in ctx {
+        let nb = (c + 1).div_ceil(block_size);
+        let row: Vec<i32> = (next..next + nb).map(|b| b as i32).collect();
+        next += nb;
+        positions.push(c as i32);
+        lens.push(c as i32 + 1);
+        slots.push(row[c / block_size] as i64 * block_size as i64 + (c % block_size) as i64);
+        tables.extend_from_slice(&row);
+        tables.extend(std::iter::repeat_n(0, mbps - nb));
+    }
+    if next > num_blocks {
+        return None;
+    }
+    let n = ctx.len();
+    Some((
+        (0..n as u32).map(|i| (i * 7919) % 1000).collect(),
+        positions,
+        slots,
+        tables,
+        mbps,
+        lens,
+        (0..n as i32).collect(),
+    ))
 }
 
 /// The q-quantile (nearest rank) of `v`; 0 when empty.
@@ -216,6 +275,40 @@ where
         ttft_p50_ms: quantile(&ttft, 0.5),
         tpot_p50_ms: quantile(&tpot, 0.5),
     };
+    // The breakdown: a decode step at the full batch with the contexts of
+    // the last full-batch step, on blocks of the (now empty) pool.
+    let mut breakdown = None;
+    if !full_ctx.is_empty() {
+        let nb = engine.model.limits().num_blocks;
+        if let Some((tok, pos, slots, tables, mbps, lens, last)) =
+            synthetic_decode(&full_ctx, crate::engine::model::BLOCK_SIZE, nb)
+        {
+            let inp = crate::engine::model::StepInput {
+                tokens: &tok,
+                positions: &pos,
+                slots: &slots,
+                tables: &tables,
+                mbps,
+                lens: &lens,
+                last: &last,
+            };
+            let ops = engine.model.profile_step(gpu, &inp, 20)?;
+            let kernels_us = ops.iter().map(|(_, us)| us).sum();
+            let graph_us = if ec.cuda_graphs {
+                let b = full_ctx.len();
+                engine.model.step_decode_graph(gpu, &inp, b)?;
+                Some(engine.model.time_decode_graph(gpu, b, 50)?)
+            } else {
+                None
+            };
+            breakdown = Some(Breakdown {
+                batch: full_ctx.len(),
+                ops,
+                kernels_us,
+                graph_us,
+            });
+        }
+    }
     let per_s = |tok: usize, s: f64| if s > 0.0 { tok as f64 / s } else { 0.0 };
     Ok(E2eResult {
         row,
@@ -234,6 +327,7 @@ where
                 full_ctx,
             )
         }),
+        breakdown,
     })
 }
 
@@ -271,6 +365,20 @@ pub fn append_csv(row: &E2eRow, path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn synthetic_decode_gives_each_sequence_its_own_blocks() {
+        let (tok, pos, slots, tables, mbps, lens, last) =
+            synthetic_decode(&[0, 15, 16, 40], 16, 100).unwrap();
+        assert_eq!(mbps, 3);
+        assert_eq!(pos, vec![0, 15, 16, 40]);
+        assert_eq!(lens, vec![1, 16, 17, 41]);
+        // blocks: seq0 [0], seq1 [1], seq2 [2, 3], seq3 [4, 5, 6]
+        assert_eq!(tables, vec![0, 0, 0, 1, 0, 0, 2, 3, 0, 4, 5, 6]);
+        assert_eq!(slots, vec![0, 16 + 15, 3 * 16, 6 * 16 + 8]);
+        assert_eq!((tok.len(), last), (4, vec![0, 1, 2, 3]));
+        assert!(synthetic_decode(&[40], 16, 2).is_none());
+    }
 
     #[test]
     fn quantiles_are_nearest_rank() {

@@ -550,29 +550,90 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         res.prefill_tok_per_s, res.decode_tok_per_s, r.ttft_p50_ms, res.ttft_p99_ms,
         r.tpot_p50_ms, res.tpot_p99_ms, res.peak_gpu_mib, res.steps, res.preemptions, res.num_blocks
     );
+    let csv_path = a.csv.clone().unwrap_or_else(|| {
+        PathBuf::from("reports")
+            .join(gpu_dir(&gpu.info().name))
+            .join("e2e.csv")
+    });
     if let Some((n, mean_s, ctx)) = &res.full_decode {
         let c = workbench::ceilings::measure(&gpu)?;
         let floor =
             workbench::e2e::floor_for(&cfg, a.dtype.size_bytes(), ctx, c.gb_per_s, c.tflop_per_s);
         println!(
-            "decode step at batch {}: {:.3} ms mean over {n} steps; roofline floor {:.3} ms \
-             ({:.1} MB at {:.0} GB/s); {:.2}x the floor",
+            "decode step at batch {}: {:.3} ms mean over {n} steps in the run (scheduling and \
+             sampling included); roofline floor {:.3} ms ({:.1} MB at {:.0} GB/s, {:.2} TFLOP at \
+             {:.0} TFLOP/s)",
             ctx.len(),
             mean_s * 1e3,
             floor.seconds * 1e3,
             floor.bytes / 1e6,
             c.gb_per_s,
-            mean_s / floor.seconds
+            floor.flops / 1e12,
+            c.tflop_per_s
         );
+        if let Some(bd) = &res.breakdown {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(vec!["op (all layers)", "µs per step", "share"]);
+            if let Some(dir) = csv_path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut w = csv::Writer::from_path(csv_path.with_file_name("e2e-breakdown.csv"))
+                .context("writing e2e-breakdown.csv")?;
+            w.write_record(["model", "dtype", "batch", "op", "us_per_step", "share"])?;
+            for (op, us) in &bd.ops {
+                let share = us / bd.kernels_us;
+                t.add_row(vec![
+                    op.to_string(),
+                    format!("{us:.1}"),
+                    format!("{:.1}%", 100.0 * share),
+                ]);
+                w.write_record([
+                    a.model.as_str(),
+                    &a.dtype.to_string(),
+                    &bd.batch.to_string(),
+                    op,
+                    &format!("{us:.2}"),
+                    &format!("{share:.4}"),
+                ])?;
+            }
+            let floor_us = floor.seconds * 1e6;
+            t.add_row(vec![
+                "sum of kernels".to_string(),
+                format!("{:.1}", bd.kernels_us),
+                format!("{:.2}x floor", bd.kernels_us / floor_us),
+            ]);
+            for (label, us) in [
+                ("graph replay of the step", bd.graph_us),
+                ("roofline floor", Some(floor_us)),
+            ] {
+                if let Some(us) = us {
+                    t.add_row(vec![
+                        label.to_string(),
+                        format!("{us:.1}"),
+                        format!("{:.2}x floor", us / floor_us),
+                    ]);
+                    w.write_record([
+                        a.model.as_str(),
+                        &a.dtype.to_string(),
+                        &bd.batch.to_string(),
+                        label,
+                        &format!("{us:.2}"),
+                        "",
+                    ])?;
+                }
+            }
+            w.flush()?;
+            println!(
+                "decode step at batch {} by op (CUDA events, median of 20 eager steps):\n{t}",
+                bd.batch
+            );
+        }
     }
     if !a.no_csv {
-        let path = a.csv.clone().unwrap_or_else(|| {
-            PathBuf::from("reports")
-                .join(gpu_dir(&gpu.info().name))
-                .join("e2e.csv")
-        });
-        workbench::e2e::append_csv(r, &path)?;
-        println!("appended to {}", path.display());
+        workbench::e2e::append_csv(r, &csv_path)?;
+        println!("appended to {}", csv_path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -26,13 +26,13 @@
 use super::config::Qwen2Config;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice};
-use std::collections::HashMap;
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use kernels::paged_attention::PagedAttentionDims;
 use kernels::rmsnorm::RmsNormDims;
 use kernels::rope::RopeTable;
 use kernels::rope_kv_store::{RopeKvStoreArgs, RopeKvStoreDims};
 use kernels::{Gpu, KernelError, Storage};
+use std::collections::HashMap;
 use thiserror::Error;
 
 pub const BLOCK_SIZE: usize = 16;
@@ -488,7 +488,12 @@ where
         self.upload_checked(gpu, inp, &ids)
     }
 
-    fn upload_checked(&mut self, gpu: &Gpu, inp: &StepInput<'_>, ids: &[i32]) -> Result<(), ModelError> {
+    fn upload_checked(
+        &mut self,
+        gpu: &Gpu,
+        inp: &StepInput<'_>,
+        ids: &[i32],
+    ) -> Result<(), ModelError> {
         let (t, n) = (inp.tokens.len(), inp.last.len());
         let ws = &mut self.ws;
         let s = gpu.stream();
@@ -595,9 +600,91 @@ where
             self.graphs.insert(bucket, (graph, generation));
         }
         let (graph, _) = &self.graphs[&bucket];
-        graph.launch().map_err(KernelError::driver("cuGraphLaunch"))?;
+        graph
+            .launch()
+            .map_err(KernelError::driver("cuGraphLaunch"))?;
         self.last_rows = n;
         Ok(())
+    }
+
+    /// GPU time per op of one step with these inputs (eager launches, a
+    /// CUDA event before each op): for each label, the median over `reps`
+    /// runs of its summed time per step, in µs, in the order ops first run.
+    /// The cache slots of `inp` are written (same values every run).
+    pub fn profile_step(
+        &mut self,
+        gpu: &Gpu,
+        inp: &StepInput<'_>,
+        reps: usize,
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        self.upload(gpu, inp)?;
+        let (t, n) = (inp.tokens.len(), inp.last.len());
+        self.launch_forward(gpu, t, n, inp.mbps)?; // warm-up
+        gpu.synchronize()?;
+        let mut per: Vec<(&'static str, Vec<f64>)> = Vec::new();
+        for _ in 0..reps.max(1) {
+            let mut marks = Vec::new();
+            self.launch_forward_marked(gpu, t, n, inp.mbps, Some(&mut marks))?;
+            gpu.synchronize()?;
+            let mut sums: Vec<(&'static str, f64)> = Vec::new();
+            for w in marks.windows(2) {
+                let us = w[0]
+                    .1
+                    .elapsed_ms(&w[1].1)
+                    .map_err(KernelError::driver("cuEventElapsedTime"))?
+                    as f64
+                    * 1e3;
+                match sums.iter_mut().find(|(l, _)| *l == w[0].0) {
+                    Some((_, v)) => *v += us,
+                    None => sums.push((w[0].0, us)),
+                }
+            }
+            for (label, us) in sums {
+                match per.iter_mut().find(|(l, _)| *l == label) {
+                    Some((_, v)) => v.push(us),
+                    None => per.push((label, vec![us])),
+                }
+            }
+        }
+        Ok(per
+            .into_iter()
+            .map(|(l, mut v)| {
+                v.sort_by(f64::total_cmp);
+                (l, v[v.len() / 2])
+            })
+            .collect())
+    }
+
+    /// Median µs of `reps` replays of the decode graph for `bucket` (as
+    /// captured by [`GpuModel::step_decode_graph`] with the current inputs).
+    pub fn time_decode_graph(
+        &mut self,
+        gpu: &Gpu,
+        bucket: usize,
+        reps: usize,
+    ) -> Result<f64, ModelError> {
+        let (graph, _) = self.graphs.get(&bucket).ok_or_else(|| {
+            ModelError::Inputs(format!("no decode graph captured for batch {bucket}"))
+        })?;
+        let (a, b) = (gpu.timing_event()?, gpu.timing_event()?);
+        let s = gpu.stream();
+        let mut v = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            a.record(s).map_err(KernelError::driver("cuEventRecord"))?;
+            graph
+                .launch()
+                .map_err(KernelError::driver("cuGraphLaunch"))?;
+            b.record(s).map_err(KernelError::driver("cuEventRecord"))?;
+            b.synchronize()
+                .map_err(KernelError::driver("cuEventSynchronize"))?;
+            v.push(
+                a.elapsed_ms(&b)
+                    .map_err(KernelError::driver("cuEventElapsedTime"))? as f64
+                    * 1e3,
+            );
+        }
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
     }
 
     /// Number of decode graphs captured so far.
@@ -608,7 +695,35 @@ where
     /// Every launch of one forward over the workspace's first t tokens
     /// (inputs already in `ws`): no host work but launches, no allocation,
     /// so a CUDA graph can capture it.
-    fn launch_forward(&mut self, gpu: &Gpu, t: usize, n: usize, mbps: usize) -> Result<(), ModelError> {
+    fn launch_forward(
+        &mut self,
+        gpu: &Gpu,
+        t: usize,
+        n: usize,
+        mbps: usize,
+    ) -> Result<(), ModelError> {
+        self.launch_forward_marked(gpu, t, n, mbps, None)
+    }
+
+    /// [`GpuModel::launch_forward`], recording a timing event before each
+    /// op into `marks` (label, event) when given, and one `end` mark.
+    fn launch_forward_marked(
+        &mut self,
+        gpu: &Gpu,
+        t: usize,
+        n: usize,
+        mbps: usize,
+        mut marks: Option<&mut Vec<(&'static str, CudaEvent)>>,
+    ) -> Result<(), ModelError> {
+        let mut mark = |label: &'static str| -> Result<(), ModelError> {
+            if let Some(m) = marks.as_mut() {
+                let e = gpu.timing_event()?;
+                e.record(gpu.stream())
+                    .map_err(KernelError::driver("cuEventRecord"))?;
+                m.push((label, e));
+            }
+            Ok(())
+        };
         let c = &self.cfg;
         let lim = self.limits;
         let (h, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
@@ -625,6 +740,7 @@ where
             ..
         } = self;
         // residual = embed[ids]: [t, h]
+        mark("embedding gather")?;
         kernels::util::gather_rows(
             gpu,
             &mut ws.residual.slice_mut(..t * h),
@@ -641,6 +757,7 @@ where
         use kernels::linear::linear;
         for (l, w) in layers.iter_mut().enumerate() {
             if l == 0 {
+                mark("rmsnorm (fused add)")?;
                 kernels::rmsnorm::rmsnorm(
                     gpu,
                     &mut ws.hn.slice_mut(..t * h),
@@ -650,6 +767,7 @@ where
                     kernels::rmsnorm::PRODUCTION,
                 )?;
             } else {
+                mark("rmsnorm (fused add)")?;
                 add_norm(
                     gpu,
                     &mut ws.hn,
@@ -659,6 +777,7 @@ where
                     norm,
                 )?;
             }
+            mark("q/k/v GEMMs + bias")?;
             project(gpu, &mut ws.q, &ws.hn, &w.q_w, &w.q_b, t, h, qd)?;
             project(gpu, &mut ws.k, &ws.hn, &w.k_w, &w.k_b, t, h, kd)?;
             project(gpu, &mut ws.v, &ws.hn, &w.v_w, &w.v_b, t, h, kd)?;
@@ -670,6 +789,7 @@ where
                 let mut vc = w.v_cache.slice_mut(..);
                 let pv = ws.pos.slice(..t);
                 let sv = ws.slots.slice(..t);
+                mark("rope_kv_store")?;
                 kernels::rope_kv_store::rope_kv_store(
                     gpu,
                     RopeKvStoreArgs {
@@ -702,6 +822,7 @@ where
                 max_blocks_per_seq: mbps,
                 scale: 1.0 / (d as f32).sqrt(),
             };
+            mark("paged_attention")?;
             kernels::paged_attention::paged_attention(
                 gpu,
                 &mut ws.attn.slice_mut(..t * qd),
@@ -713,6 +834,7 @@ where
                 pad,
                 kernels::paged_attention::PRODUCTION,
             )?;
+            mark("o_proj GEMM")?;
             linear(
                 gpu,
                 &mut ws.proj.slice_mut(..t * h),
@@ -723,6 +845,7 @@ where
                 qd,
                 h,
             )?;
+            mark("rmsnorm (fused add)")?;
             add_norm(
                 gpu,
                 &mut ws.hn,
@@ -732,6 +855,7 @@ where
                 norm,
             )?;
             // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
+            mark("gate|up GEMM")?;
             linear(
                 gpu,
                 &mut ws.gu.slice_mut(..t * 2 * inter),
@@ -742,6 +866,7 @@ where
                 h,
                 2 * inter,
             )?;
+            mark("silu_mul")?;
             kernels::silu_mul::silu_mul(
                 gpu,
                 &mut ws.act.slice_mut(..t * inter),
@@ -749,6 +874,7 @@ where
                 t,
                 inter,
             )?;
+            mark("down GEMM")?;
             linear(
                 gpu,
                 &mut ws.proj.slice_mut(..t * h),
@@ -760,6 +886,7 @@ where
                 h,
             )?;
         }
+        mark("rmsnorm (fused add)")?;
         add_norm(
             gpu,
             &mut ws.hn,
@@ -769,6 +896,7 @@ where
             norm,
         )?;
         // Only the rows whose next token is wanted go through the LM head.
+        mark("last-row gather")?;
         kernels::util::gather_rows(
             gpu,
             &mut ws.last_h.slice_mut(..n * h),
@@ -777,6 +905,7 @@ where
             h,
         )?;
         let head = lm_head.as_ref().unwrap_or(embed);
+        mark("LM head GEMM")?;
         linear(
             gpu,
             &mut ws.logits.slice_mut(..n * vocab),
@@ -787,6 +916,7 @@ where
             h,
             vocab,
         )?;
+        mark("end")?;
         Ok(())
     }
 
