@@ -83,6 +83,12 @@ fn proptest_paged_attention() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU"]
+fn proptest_prefill_attention() {
+    sweep("prefill_attention");
+}
+
+#[test]
 fn every_registered_kernel_has_a_proptest_here() {
     let src = include_str!("gpu_proptest.rs");
     for name in registry::names() {

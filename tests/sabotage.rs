@@ -18,6 +18,7 @@ fn sabotage_case(op: &dyn Op) -> Case {
         "kv_store" => "tokens=9,kv_heads=2,head_dim=64,block_size=16,pool=3,skip=1,gen=randn,seed=11",
         "rope_kv_store" => "tokens=9,q_heads=14,kv_heads=2,head_dim=64,block_size=16,max_pos=4096,pool=3,skip=1,gen=randn,seed=11",
         "paged_attention" => "batch=3,q_heads=14,kv_heads=2,head_dim=64,block_size=16,ctx=70,ragged=0,gen=randn,seed=11",
+        "prefill_attention" => "batch=3,q_heads=14,kv_heads=2,head_dim=64,block_size=16,q_len=40,prefix=30,ragged=0,gen=randn,seed=11",
         other => panic!("no sabotage case for {other}: add one here"),
     };
     s.parse().expect("valid case")

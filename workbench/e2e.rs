@@ -291,6 +291,7 @@ where
                 mbps,
                 lens: &lens,
                 last: &last,
+                seqs: None,
             };
             let ops = engine.model.profile_step(gpu, &inp, 20)?;
             let kernels_us = ops.iter().map(|(_, us)| us).sum();

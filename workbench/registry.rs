@@ -11,6 +11,7 @@ pub static OPS: &[&dyn Op] = &[
     &ops::kv_store::KvStore,
     &ops::rope_kv_store::RopeKvStore,
     &ops::paged_attention::PagedAttention,
+    &ops::prefill_attention::PrefillAttention,
 ];
 
 pub fn find(name: &str) -> Option<&'static dyn Op> {

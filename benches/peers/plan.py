@@ -112,7 +112,7 @@ def rotation_sets(bytes_per_call, l2_bytes, cap=MAX_SETS):
 # Which impl labels each kernel has, and why the others are missing.
 # resolve() returns a list of (label, reason): reason None = will run.
 
-NA_SDPA = "not applicable: torch_sdpa is the decode-attention baseline only"
+NA_SDPA = "not applicable: torch_sdpa is the attention baseline only"
 DTYPES = ("bf16", "f16", "f32")
 ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4}
 
@@ -169,12 +169,29 @@ def _paged_attention(case, impl):
     return [(impl, None)]
 
 
+def _prefill_attention(case, impl):
+    if impl == "liger":
+        return [(impl, "Liger-Kernel 0.8.5 has no attention")]
+    if impl in ("torch_eager", "torch_compile"):
+        return [(impl, "not applicable: the torch baselines for prefill are torch_sdpa_flash and torch_sdpa_cudnn")]
+    if case.flag("ragged"):
+        return [(impl, "ragged=1 not modelled by the peer bench (every sequence q_len tokens)")]
+    if impl == "torch_sdpa":
+        labels = ["torch_sdpa_flash", "torch_sdpa_cudnn"]
+        if case.int("prefix", 0):
+            why = "SDPA's is_causal aligns the mask top-left: no cached prefix"
+            return [(label, why) for label in labels]
+        return [(label, None) for label in labels]
+    return [(impl, None)]
+
+
 RESOLVERS = {
     "rmsnorm": _rmsnorm,
     "silu_mul": _silu_mul,
     "rope": _rope,
     "kv_store": _kv_store,
     "paged_attention": _paged_attention,
+    "prefill_attention": _prefill_attention,
 }
 
 KERNELS = list(RESOLVERS)

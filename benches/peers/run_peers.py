@@ -31,6 +31,7 @@ MODULES = {
     "rope": "peers_rope",
     "kv_store": "peers_kv",
     "paged_attention": "peers_attn",
+    "prefill_attention": "peers_prefill",
 }
 
 COLUMNS = [

@@ -23,6 +23,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         "paged_attention",
         include_str!("../cuda/paged_attention.cu"),
     ),
+    (
+        "prefill_attention",
+        include_str!("../cuda/prefill_attention.cu"),
+    ),
 ];
 
 /// Measurement helpers (random fills, the copy-kernel bandwidth ceiling):

@@ -18,6 +18,7 @@ pub mod kv_store;
 mod launch;
 pub mod linear;
 pub mod paged_attention;
+pub mod prefill_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod rope_kv_store;

@@ -28,6 +28,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use kernels::paged_attention::PagedAttentionDims;
+use kernels::prefill_attention::PrefillAttentionDims;
 use kernels::rmsnorm::RmsNormDims;
 use kernels::rope::RopeTable;
 use kernels::rope_kv_store::{RopeKvStoreArgs, RopeKvStoreDims};
@@ -107,6 +108,22 @@ pub struct StepInput<'a> {
     pub lens: &'a [i32],
     /// [n] token indices whose logits are wanted (each sequence's last).
     pub last: &'a [i32],
+    /// The same tokens grouped by sequence, for the prefill attention
+    /// kernel; `None` runs attention one row per token (decode steps).
+    pub seqs: Option<SeqInput<'a>>,
+}
+
+/// Per-sequence view of a step's tokens: sequence b owns tokens
+/// cu_seqlens[b]..cu_seqlens[b+1], which are the last ones of its kv_lens[b]
+/// tokens (the cache holds its earlier ones).
+pub struct SeqInput<'a> {
+    /// [b + 1]
+    pub cu_seqlens: &'a [i32],
+    /// [b]
+    pub kv_lens: &'a [i32],
+    /// [b, mbps] block tables (same width as the per-token tables).
+    pub tables: &'a [i32],
+    pub max_q_len: usize,
 }
 
 struct Layer<T> {
@@ -130,23 +147,26 @@ struct Layer<T> {
 
 /// Activations and step inputs, sized once for [`ModelLimits`].
 struct Workspace<T> {
-    residual: CudaSlice<T>, // [T, h]
-    hn: CudaSlice<T>,       // [T, h]
-    q: CudaSlice<T>,        // [T, q_heads * d]
-    k: CudaSlice<T>,        // [T, kv_heads * d]
-    v: CudaSlice<T>,        // [T, kv_heads * d]
-    attn: CudaSlice<T>,     // [T, q_heads * d]
-    proj: CudaSlice<T>,     // [T, h]: o_proj, then down_proj output
-    gu: CudaSlice<T>,       // [T, 2I]
-    act: CudaSlice<T>,      // [T, I]
-    last_h: CudaSlice<T>,   // [S, h]
-    logits: CudaSlice<T>,   // [S, vocab]
-    ids: CudaSlice<i32>,    // [T]
-    pos: CudaSlice<i32>,    // [T]
-    slots: CudaSlice<i64>,  // [T]
-    tables: CudaSlice<i32>, // [T, mbps]
-    lens: CudaSlice<i32>,   // [T]
-    last: CudaSlice<i32>,   // [S]
+    residual: CudaSlice<T>,     // [T, h]
+    hn: CudaSlice<T>,           // [T, h]
+    q: CudaSlice<T>,            // [T, q_heads * d]
+    k: CudaSlice<T>,            // [T, kv_heads * d]
+    v: CudaSlice<T>,            // [T, kv_heads * d]
+    attn: CudaSlice<T>,         // [T, q_heads * d]
+    proj: CudaSlice<T>,         // [T, h]: o_proj, then down_proj output
+    gu: CudaSlice<T>,           // [T, 2I]
+    act: CudaSlice<T>,          // [T, I]
+    last_h: CudaSlice<T>,       // [S, h]
+    logits: CudaSlice<T>,       // [S, vocab]
+    ids: CudaSlice<i32>,        // [T]
+    pos: CudaSlice<i32>,        // [T]
+    slots: CudaSlice<i64>,      // [T]
+    tables: CudaSlice<i32>,     // [T, mbps]
+    lens: CudaSlice<i32>,       // [T]
+    last: CudaSlice<i32>,       // [S]
+    cu_seqlens: CudaSlice<i32>, // [S + 1]
+    kv_lens: CudaSlice<i32>,    // [S]
+    seq_tables: CudaSlice<i32>, // [S, mbps]
     inv_temp: CudaSlice<f32>,
     seeds: CudaSlice<u64>,
     sampled: CudaSlice<i32>,
@@ -167,6 +187,10 @@ pub struct GpuModel<T> {
     /// Decode graphs by padded batch size, with the scratch generation
     /// they were captured under (a reallocated scratch invalidates them).
     graphs: HashMap<usize, (CudaGraph, u64)>,
+    /// Use the prefill attention kernel for steps that give [`SeqInput`]
+    /// (bf16/f16 with a head_dim it is compiled for); else one decode row
+    /// per token.
+    pub prefill_kernel: bool,
 }
 
 fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, ModelError> {
@@ -374,6 +398,9 @@ where
             tables: zeros(gpu, t * limits.max_blocks_per_seq())?,
             lens: zeros(gpu, t)?,
             last: zeros(gpu, s)?,
+            cu_seqlens: zeros(gpu, s + 1)?,
+            kv_lens: zeros(gpu, s)?,
+            seq_tables: zeros(gpu, s * limits.max_blocks_per_seq())?,
             inv_temp: zeros(gpu, s)?,
             seeds: zeros(gpu, s)?,
             sampled: zeros(gpu, s)?,
@@ -388,6 +415,10 @@ where
             limits,
             last_rows: 0,
             graphs: HashMap::new(),
+            prefill_kernel: T::DTYPE != kernels::DType::F32
+                && kernels::prefill_attention::HEAD_DIMS
+                    .iter()
+                    .any(|(hd, _)| *hd == d),
             cfg: cfg.clone(),
         })
     }
@@ -477,9 +508,48 @@ where
         let ids = self.validate(inp)?;
         let (t, n) = (inp.tokens.len(), inp.last.len());
         self.upload_checked(gpu, inp, &ids)?;
-        self.launch_forward(gpu, t, n, inp.mbps)?;
+        let seqs = match (&inp.seqs, self.prefill_kernel) {
+            (Some(sq), true) => Some(self.upload_seqs(gpu, sq, t, inp.mbps)?),
+            _ => None,
+        };
+        self.launch_forward_marked(gpu, t, n, inp.mbps, seqs, None)?;
         self.last_rows = n;
         Ok(())
+    }
+
+    /// Check and upload a step's per-sequence view; (batch, max_q_len).
+    fn upload_seqs(
+        &mut self,
+        gpu: &Gpu,
+        sq: &SeqInput<'_>,
+        t: usize,
+        mbps: usize,
+    ) -> Result<(usize, usize), ModelError> {
+        let b = sq.kv_lens.len();
+        let ok = sq.cu_seqlens.len() == b + 1
+            && sq.cu_seqlens.first() == Some(&0)
+            && sq.cu_seqlens.last() == Some(&(t as i32))
+            && sq.cu_seqlens.windows(2).all(|w| w[0] <= w[1])
+            && sq.tables.len() == b * mbps
+            && b <= self.limits.max_seqs
+            && sq.max_q_len <= t;
+        if !ok {
+            return Err(ModelError::Inputs(format!(
+                "per-sequence view: {} cu_seqlens, {b} kv_lens, {} table entries for {t} tokens \
+                 and {mbps} columns",
+                sq.cu_seqlens.len(),
+                sq.tables.len()
+            )));
+        }
+        let ws = &mut self.ws;
+        let s = gpu.stream();
+        s.memcpy_htod(sq.cu_seqlens, &mut ws.cu_seqlens.slice_mut(..b + 1))
+            .map_err(KernelError::driver("upload cu_seqlens"))?;
+        s.memcpy_htod(sq.kv_lens, &mut ws.kv_lens.slice_mut(..b))
+            .map_err(KernelError::driver("upload kv_lens"))?;
+        s.memcpy_htod(sq.tables, &mut ws.seq_tables.slice_mut(..b * mbps))
+            .map_err(KernelError::driver("upload sequence block tables"))?;
+        Ok((b, sq.max_q_len))
     }
 
     /// Validate `inp` as [`GpuModel::step`] does and copy it into the workspace.
@@ -570,6 +640,7 @@ where
             mbps: width,
             lens: &lens,
             last: &last,
+            seqs: None,
         };
         self.upload(gpu, &padded)?;
         let generation = gpu.scratch_generation();
@@ -624,7 +695,7 @@ where
         let mut per: Vec<(&'static str, Vec<f64>)> = Vec::new();
         for _ in 0..reps.max(1) {
             let mut marks = Vec::new();
-            self.launch_forward_marked(gpu, t, n, inp.mbps, Some(&mut marks))?;
+            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks))?;
             gpu.synchronize()?;
             let mut sums: Vec<(&'static str, f64)> = Vec::new();
             for w in marks.windows(2) {
@@ -702,7 +773,7 @@ where
         n: usize,
         mbps: usize,
     ) -> Result<(), ModelError> {
-        self.launch_forward_marked(gpu, t, n, mbps, None)
+        self.launch_forward_marked(gpu, t, n, mbps, None, None)
     }
 
     /// [`GpuModel::launch_forward`], recording a timing event before each
@@ -713,6 +784,7 @@ where
         t: usize,
         n: usize,
         mbps: usize,
+        seqs: Option<(usize, usize)>,
         mut marks: Option<&mut Vec<(&'static str, CudaEvent)>>,
     ) -> Result<(), ModelError> {
         let mut mark = |label: &'static str| -> Result<(), ModelError> {
@@ -822,18 +894,45 @@ where
                 max_blocks_per_seq: mbps,
                 scale: 1.0 / (d as f32).sqrt(),
             };
-            mark("paged_attention")?;
-            kernels::paged_attention::paged_attention(
-                gpu,
-                &mut ws.attn.slice_mut(..t * qd),
-                &ws.q.slice(..t * qd),
-                &w.k_cache.slice(..),
-                &w.v_cache.slice(..),
-                &ws.tables.slice(..t * mbps),
-                &ws.lens.slice(..t),
-                pad,
-                kernels::paged_attention::PRODUCTION,
-            )?;
+            if let Some((batch, max_q_len)) = seqs {
+                mark("prefill_attention")?;
+                kernels::prefill_attention::prefill_attention(
+                    gpu,
+                    &mut ws.attn.slice_mut(..t * qd),
+                    &ws.q.slice(..t * qd),
+                    &w.k_cache.slice(..),
+                    &w.v_cache.slice(..),
+                    &ws.cu_seqlens.slice(..batch + 1),
+                    &ws.kv_lens.slice(..batch),
+                    &ws.seq_tables.slice(..batch * mbps),
+                    PrefillAttentionDims {
+                        batch,
+                        total_q: t,
+                        max_q_len,
+                        q_heads: qh,
+                        kv_heads: kvh,
+                        head_dim: d,
+                        block_size: BLOCK_SIZE,
+                        num_blocks,
+                        max_blocks_per_seq: mbps,
+                        scale: 1.0 / (d as f32).sqrt(),
+                    },
+                    kernels::prefill_attention::PRODUCTION,
+                )?;
+            } else {
+                mark("paged_attention")?;
+                kernels::paged_attention::paged_attention(
+                    gpu,
+                    &mut ws.attn.slice_mut(..t * qd),
+                    &ws.q.slice(..t * qd),
+                    &w.k_cache.slice(..),
+                    &w.v_cache.slice(..),
+                    &ws.tables.slice(..t * mbps),
+                    &ws.lens.slice(..t),
+                    pad,
+                    kernels::paged_attention::PRODUCTION,
+                )?;
+            }
             mark("o_proj GEMM")?;
             linear(
                 gpu,
@@ -1018,6 +1117,7 @@ where
                 mbps,
                 lens: &lens,
                 last: &last,
+                seqs: None,
             },
         )?;
         let vocab = self.cfg.vocab_size;

@@ -8,7 +8,9 @@
 //! sampler (`sampler.rs`).
 
 use super::config::Qwen2Config;
-use super::model::{GpuModel, ModelError, ModelLimits, StepInput, WeightSource, BLOCK_SIZE};
+use super::model::{
+    GpuModel, ModelError, ModelLimits, SeqInput, StepInput, WeightSource, BLOCK_SIZE,
+};
 use super::sampler::{self, SampleError};
 use super::scheduler::{
     BatchKind, ConfigError, Request, RequestError, ScheduleError, Scheduler, SchedulerConfig,
@@ -259,6 +261,18 @@ where
             }
             last.push(tokens.len() as i32 - 1);
         }
+        // Prefill steps also give the per-sequence view (prefill kernel).
+        let (mut cu, mut kv_lens, mut seq_tables) = (vec![0i32], Vec::new(), Vec::new());
+        let mut max_q_len = 0;
+        if batch.kind == BatchKind::Prefill {
+            for item in &batch.items {
+                cu.push(cu.last().copied().unwrap_or(0) + (item.end - item.start) as i32);
+                kv_lens.push(item.end as i32);
+                seq_tables.extend(item.block_table.iter().map(|&b| b as i32));
+                seq_tables.extend(std::iter::repeat_n(0, mbps - item.block_table.len()));
+                max_q_len = max_q_len.max(item.end - item.start);
+            }
+        }
         let inp = StepInput {
             tokens: &tokens,
             positions: &positions,
@@ -267,6 +281,12 @@ where
             mbps,
             lens: &lens,
             last: &last,
+            seqs: (batch.kind == BatchKind::Prefill).then_some(SeqInput {
+                cu_seqlens: &cu,
+                kv_lens: &kv_lens,
+                tables: &seq_tables,
+                max_q_len,
+            }),
         };
         let bucket = self.buckets.iter().copied().find(|&b| b >= batch.len());
         match (batch.kind, bucket) {

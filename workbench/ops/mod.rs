@@ -2,6 +2,7 @@
 
 pub mod kv_store;
 pub mod paged_attention;
+pub mod prefill_attention;
 pub mod rmsnorm;
 pub mod rope;
 pub mod rope_kv_store;

@@ -1,0 +1,494 @@
+// prefill_attention.cu: causal prefill attention of packed variable-length
+// sequences over the paged KV cache, on tensor cores (variant v1).
+//
+// q   [total_q, q_heads, head_dim]   new tokens of all sequences, packed;
+//                                    sequence b owns rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
+// k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]
+//                                    hold every token of every sequence, the new
+//                                    ones included (kv_store ran first)
+// block_tables [batch, max_blocks_per_seq] i32; kv_lens [batch] i32 (prefix + new)
+// out [total_q, q_heads, head_dim]
+//
+// Query i of sequence b sits at position p = kv_lens[b] - q_len_b + i and
+//   out[row, h] = sum_{j <= p} softmax_j(scale * q[row, h] . K[b, j, h / group]) V[b, j, h / group]
+// where token j lives in block block_tables[b, j / block_size] at offset
+// j % block_size. One definition covers plain prefill (no prefix), chunked
+// prefill and prefix reuse (reference/src/prefill_attention.rs, `prefill_paged`).
+//
+// Design: FlashAttention-2 (Dao, 2023, "FlashAttention-2: Faster Attention
+// with Better Parallelism and Work Partitioning") on mma.sync, so the same
+// code runs on sm_80 and sm_90a.
+// - Grid (q_heads, batch, m-slots). A CTA of 4 warps owns a tile of 64 query
+//   rows (16 per warp) of one sequence and one query head, and loops over
+//   the sequence's tiles m = n_m-1-z, n_m-1-z-gridDim.z, ... (longest causal
+//   range first, so the short tiles fill the tail of the launch). The host
+//   sizes gridDim.z from the longest sequence; a smaller value is only slower.
+// - The CTA walks the keys in tiles of BN tokens (64, or 32 for head_dim
+//   256) up to the last position any of its rows can see; tiles past that
+//   are never loaded. K and V tiles are staged in shared memory with
+//   cp.async, double-buffered: tile j+1 is in flight while tile j is used.
+//   Each token's slot is resolved through the block table as its 16-byte
+//   chunks are issued. Tokens past kv_len and tokens in a bad block are
+//   zero-filled by cp.async (src-size 0) and never read from global memory.
+// - Per warp and key tile: S = Q K^T (mma m16n8k16, f32 accumulators; Q as
+//   the A operand from registers, loaded once with ldmatrix; K with
+//   ldmatrix); causal mask only on tiles that cross the diagonal; online
+//   softmax in registers in the log2 domain (exp2f, scale * log2(e) folded
+//   into one fma), row max and sum shared by the 4 lanes of a row (quad
+//   shuffles); P rounded to bf16/f16 in registers and used directly as the
+//   A operand of O += P V (the C fragment of S has the layout of the A
+//   fragment of P V: no shared-memory round trip), V with ldmatrix.trans.
+// - At the end O / l is staged through shared memory (the warp's own Q rows)
+//   and written with 16-byte stores.
+//
+// Masking and bad input: a masked score is -inf, so its weight is exactly 0,
+// and masked slots of K/V hold zeros (never cache contents: the checks put
+// NaN in unused slots, and 0 * NaN is NaN). A sequence whose offsets are out
+// of order or outside [0, total_q], whose kv_len is below its query count or
+// beyond its block table, or any misaligned pointer, gives NaN for the rows
+// it names (clamped into [0, total_q]) and reads nothing. A block id outside
+// [0, num_blocks) is not read; the rows that can see one of its tokens get
+// NaN. No atomics, no split over keys: every sum has a fixed order, so
+// repeated runs are bit-identical.
+//
+// Shared memory (dynamic), elements of T; rows padded by 8 elements (16
+// bytes) so that the 8 row addresses of each ldmatrix 8x8 load fall in 8
+// different 16-byte bank groups (row stride = 16 bytes mod 128):
+//   q_s [64][D + 8]          Q tile, later the warp's staged output rows
+//   k_s [2][BN][D + 8]       K tiles (double buffer)
+//   v_s [2][BN][D + 8]       V tiles
+//   bad_s [2][BN] int        1 where the token's block id is out of range
+// D = 128: 17 KB + 68 KB = 85 KB (two CTAs per SM on an H100 or an A100).
+//
+// ---------------------------------------------------------------------------
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} fragment layouts (PTX ISA,
+// "Matrix fragments for mma.m16n8k16"). lane = 0..31, g = lane / 4 (the row
+// group), c = lane % 4 (the lane in the quad). Each 32-bit register holds two
+// 16-bit elements, the lower column index in the low half.
+//   A 16x16 row-major: a0 = A[g][2c, 2c+1]      a1 = A[g+8][2c, 2c+1]
+//                      a2 = A[g][2c+8, 2c+9]    a3 = A[g+8][2c+8, 2c+9]
+//   B 16x8 ("col"):    b0 = B[2c, 2c+1][g]      b1 = B[2c+8, 2c+9][g]
+//   C/D 16x8 f32:      c0, c1 = C[g][2c, 2c+1]  c2, c3 = C[g+8][2c, 2c+1]
+// ldmatrix.m8n8.x4.b16: lanes 8i..8i+7 give the row addresses of matrix i
+// (8 rows of 16 bytes); register i of lane l receives matrix i's
+// [l/4][2(l%4), 2(l%4)+1]; with .trans it receives [2(l%4), 2(l%4)+1][l/4].
+//
+// S = Q K^T, per warp 16 query rows x BN keys, k-step ks over head_dim:
+//   A = Q[16 rows][ks*16 .. +16]: x4 with lane l -> row l%16, column
+//       ks*16 + (l/16)*8 gives matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7),
+//       (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a0, a1, a2, a3.
+//   B[k][n] = K[n][k] for keys n of one n8 tile: column n of B is key row n,
+//       contiguous in shared memory, so plain ldmatrix of 8 key rows gives
+//       K[g][2c, 2c+1] = B[2c, 2c+1][g] = b0 (and the next 8 columns b1).
+//       x4 with lane l -> key row np*16 + l%8 + (l/16)*8, column
+//       ks*16 + ((l/8)%2)*8 gives b0, b1 of key tile 2np, then of 2np+1.
+//   C: s[nt][0..1] = S[g][nt*8 + 2c, +1], s[nt][2..3] = S[g+8][...].
+// O += P V, k-step kk over the BN keys of the tile, n8 tiles over head_dim:
+//   A = P[16 rows][kk*16 .. +16] comes from S's accumulators:
+//       a0 = (s[2kk][0], s[2kk][1])      = P[g][kk*16 + 2c, +1]
+//       a1 = (s[2kk][2], s[2kk][3])      = P[g+8][kk*16 + 2c, +1]
+//       a2 = (s[2kk+1][0], s[2kk+1][1])  = P[g][kk*16 + 8 + 2c, +1]
+//       a3 = (s[2kk+1][2], s[2kk+1][3])  = P[g+8][kk*16 + 8 + 2c, +1]
+//   B[k][n] = V[k][n] (k = key, n = head dim) is row-major in shared memory,
+//       so ldmatrix.trans of 8 key rows gives V[2c, 2c+1][g] = b0.
+//       x4.trans with lane l -> key row kk*16 + l%16, column dp*16 + (l/16)*8
+//       gives b0, b1 of head-dim tile 2dp, then of 2dp+1.
+//   C: o[nt][0..1] = O[g][nt*8 + 2c, +1], o[nt][2..3] = O[g+8][...].
+// Thread (g, c) of warp w thus owns query rows w*16 + g and w*16 + g + 8 of
+// the tile; the four lanes of a quad share those rows (row max and sum are
+// reduced with __shfl_xor 1 and 2).
+// ---------------------------------------------------------------------------
+
+#define PF_THREADS 128
+#define PF_BM 64                         // query rows per CTA: 4 warps x 16
+#define PF_LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ unsigned pf_smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; with valid = false nothing is read and the
+// 16 bytes are zero-filled (src-size 0). `src` is then any valid address.
+__device__ __forceinline__ void pf_cp_async16(unsigned dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+__device__ __forceinline__ void pf_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void pf_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// volatile: the same address is read again after the buffer is refilled,
+// so these loads must not be merged or hoisted.
+__device__ __forceinline__ void pf_ldsm_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void pf_ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// The tensor-core product and the f32 -> 16-bit packing, per storage type.
+template <typename T> struct PfMma;
+
+template <> struct PfMma<__nv_bfloat16> {
+    // c += a (16x16) * b (16x8), f32 accumulate.
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // lo in the low half (the lower column index).
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&v);
+    }
+};
+
+template <> struct PfMma<__half> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<unsigned*>(&v);
+    }
+};
+
+// D: head_dim (a multiple of 16); BN: keys per tile (a multiple of 16).
+template <typename T, int D, int BN>
+__device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restrict__ q,
+                                          const T* __restrict__ k_cache,
+                                          const T* __restrict__ v_cache,
+                                          const int* __restrict__ cu_seqlens_q,
+                                          const int* __restrict__ kv_lens,
+                                          const int* __restrict__ block_tables, float scale,
+                                          int total_q, int q_heads, int kv_heads, int block_size,
+                                          int max_blocks_per_seq, int num_blocks) {
+    static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are whole mma steps");
+    constexpr int LD = D + 8;          // shared row stride (elements): 16-byte pad
+    constexpr int CH = D / 8;          // 16-byte chunks per row
+    constexpr int NT_S = BN / 8;       // n8 tiles of S per warp
+    constexpr int NT_O = D / 8;        // n8 tiles of O per warp
+    constexpr int KS_QK = D / 16;      // k-steps of Q K^T
+    constexpr int KS_PV = BN / 16;     // k-steps of P V
+    // Q in registers costs D/4 registers; past 128 the O accumulators (D/2)
+    // need the room, and Q is read from shared memory each k-step instead.
+    constexpr bool Q_REGS = D <= 128;
+    typedef PfMma<T> Mma;
+
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    T* q_s = reinterpret_cast<T*>(pf_smem);                    // [PF_BM][LD]
+    T* k_s = q_s + PF_BM * LD;                                 // [2][BN][LD]
+    T* v_s = k_s + 2 * BN * LD;                                // [2][BN][LD]
+    int* bad_s = reinterpret_cast<int*>(v_s + 2 * BN * LD);    // [2][BN]
+
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c4 = lane & 3;
+    const int kvh = h / (q_heads / kv_heads);
+
+    // The sequence's rows, clamped into [0, total_q] so that even bad offsets
+    // never index outside q and out.
+    const int q0_raw = cu_seqlens_q[b], q1_raw = cu_seqlens_q[b + 1];
+    const int lo = min(max(q0_raw, 0), total_q);
+    const int hi = min(max(q1_raw, lo), total_q);
+    const int q_len = hi - lo;
+    const int kv_len = kv_lens[b];
+    const bool ok = q0_raw == lo && q1_raw == hi && kv_len >= q_len &&
+                    (i64)kv_len <= (i64)max_blocks_per_seq * block_size && aligned16(q) &&
+                    aligned16(k_cache) && aligned16(v_cache) && aligned16(out);
+    const int n_m = (q_len + PF_BM - 1) / PF_BM;
+    const int ctx_off = kv_len - q_len;   // position of the sequence's first new query
+    const int* table = block_tables + (i64)b * max_blocks_per_seq;
+    const float sl2 = scale * PF_LOG2E;   // scores in log2 units: exp(x) = exp2(x log2 e)
+    const i64 row_stride = (i64)q_heads * D;  // elements between consecutive tokens of q/out
+
+    for (int slot = blockIdx.z; slot < n_m; slot += gridDim.z) {
+        const int m0 = (n_m - 1 - slot) * PF_BM;   // first row of the tile in the sequence
+        const int rows = min(PF_BM, q_len - m0);   // rows of the tile that exist
+        if (!ok) {
+            for (int i = tid; i < rows * D; i += PF_THREADS) {
+                const int r = i / D, d = i - r * D;
+                out[(lo + m0 + r) * row_stride + (i64)h * D + d] = from_f32<T>(WB_NAN);
+            }
+            continue;
+        }
+
+        // Q tile [64][D]: rows past the sequence are zero-filled, not read.
+        const T* q_tile = q + (lo + m0) * row_stride + (i64)h * D;
+#pragma unroll
+        for (int it = 0; it < PF_BM * CH / PF_THREADS; ++it) {   // PF_BM * CH = 8 D, D % 16 == 0
+            const int i = tid + it * PF_THREADS;
+            const int r = i / CH, ch = i - r * CH;
+            const bool live = r < rows;
+            pf_cp_async16(pf_smem_addr(q_s + r * LD + ch * 8),
+                          live ? q_tile + r * row_stride + ch * 8 : q, live);
+        }
+
+        // Issue the cp.async copies of key tile j into buffer st; returns
+        // whether this thread met a bad block id. Fixed trip count (unrolled):
+        // the block-table loads of a tile are in flight together.
+        auto load_kv = [&](int j, int st) -> bool {
+            static_assert(BN * CH % PF_THREADS == 0, "whole 16-byte chunks per thread");
+            bool bad = false;
+            T* ks = k_s + st * BN * LD;
+            T* vs = v_s + st * BN * LD;
+#pragma unroll
+            for (int it = 0; it < BN * CH / PF_THREADS; ++it) {
+                const int i = tid + it * PF_THREADS;
+                const int r = i / CH, ch = i - r * CH;
+                const int tok = j * BN + r;
+                const T* ksrc = k_cache;
+                const T* vsrc = v_cache;
+                bool live = tok < kv_len;   // past the context: zeros
+                bool blk_bad = false;
+                if (live) {
+                    const int blk = table[tok / block_size];   // tok < kv_len <= table capacity
+                    if (blk < 0 || blk >= num_blocks) {
+                        live = false;
+                        blk_bad = true;
+                    } else {
+                        const i64 off =
+                            (((i64)blk * block_size + tok % block_size) * kv_heads + kvh) * D + ch * 8;
+                        ksrc = k_cache + off;
+                        vsrc = v_cache + off;
+                    }
+                }
+                if (ch == 0) bad_s[st * BN + r] = blk_bad;
+                bad |= blk_bad;
+                pf_cp_async16(pf_smem_addr(ks + r * LD + ch * 8), ksrc, live);
+                pf_cp_async16(pf_smem_addr(vs + r * LD + ch * 8), vsrc, live);
+            }
+            return bad;
+        };
+
+        // Keys 0..kv_last are visible to some row of the tile.
+        const int kv_last = ctx_off + m0 + rows - 1;
+        const int n_tiles = kv_last / BN + 1;
+        bool bad_cur = load_kv(0, 0), bad_next = false;
+        pf_cp_async_commit();   // group 0: Q and key tile 0
+
+        // This warp's rows: w*16 .. w*16+15 of the tile; this thread's two
+        // rows sit at positions pos_a (row g) and pos_b (row g + 8).
+        const int wrow = warp * 16;
+        const bool warp_live = wrow < rows;   // else all its rows are padding
+        const int wpos_min = ctx_off + m0 + wrow, wpos_max = wpos_min + 15;
+        const int pos_a = wpos_min + g, pos_b = pos_a + 8;
+
+        float m_r[2] = {WB_NEG_INF, WB_NEG_INF};   // running row max (raw score units)
+        float l_r[2] = {0.f, 0.f};                 // running row sum, this lane's columns only
+        bool row_bad[2] = {false, false};
+        float o[NT_O][4];                          // O [16][D] in C fragments
+#pragma unroll
+        for (int nt = 0; nt < NT_O; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+        unsigned qf[Q_REGS ? KS_QK : 1][4];        // Q [16][D] in A fragments
+
+        for (int j = 0; j < n_tiles; ++j) {
+            const int st = j & 1;
+            if (j + 1 < n_tiles) {
+                bad_next = load_kv(j + 1, st ^ 1);   // buffer st^1 was released by the
+                pf_cp_async_commit();                // barrier that ended iteration j-1
+                pf_cp_async_wait<1>();               // all but tile j+1 have landed
+            } else {
+                pf_cp_async_wait<0>();
+            }
+            // Every thread's copies of tile j (and Q) are visible; the OR says
+            // whether any token of tile j sits in a bad block.
+            const bool tile_bad = __syncthreads_or(bad_cur) != 0;
+            bad_cur = bad_next;
+            const int n0 = j * BN;
+            const T* kt = k_s + st * BN * LD;
+            const T* vt = v_s + st * BN * LD;
+
+            if constexpr (Q_REGS) {
+                if (j == 0 && warp_live) {
+#pragma unroll
+                    for (int ks = 0; ks < KS_QK; ++ks)
+                        pf_ldsm_x4(qf[ks], pf_smem_addr(q_s + (wrow + (lane & 15)) * LD + ks * 16 +
+                                                        (lane >> 4) * 8));
+                }
+            }
+
+            // Warp-uniform: skip padding warps and tiles wholly above this
+            // warp's diagonal (their weights would all be 0).
+            if (warp_live && n0 <= wpos_max) {
+                // S = Q K^T: [16][BN] in C fragments.
+                float s[NT_S][4];
+#pragma unroll
+                for (int nt = 0; nt < NT_S; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+                for (int ks = 0; ks < KS_QK; ++ks) {
+                    unsigned a[4];
+                    if constexpr (Q_REGS) {
+                        a[0] = qf[ks][0];
+                        a[1] = qf[ks][1];
+                        a[2] = qf[ks][2];
+                        a[3] = qf[ks][3];
+                    } else {
+                        pf_ldsm_x4(a, pf_smem_addr(q_s + (wrow + (lane & 15)) * LD + ks * 16 +
+                                                   (lane >> 4) * 8));
+                    }
+#pragma unroll
+                    for (int np = 0; np < NT_S / 2; ++np) {
+                        unsigned kb[4];
+                        pf_ldsm_x4(kb, pf_smem_addr(kt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD +
+                                                    ks * 16 + ((lane >> 3) & 1) * 8));
+                        Mma::mma(s[2 * np], a, kb[0], kb[1]);
+                        Mma::mma(s[2 * np + 1], a, kb[2], kb[3]);
+                    }
+                }
+
+                // Causal mask where the tile crosses the diagonal of some row
+                // (keys past kv_len are always past the diagonal); tokens of
+                // bad blocks are dropped and poison the rows that see them.
+                if (n0 + BN - 1 > wpos_min || tile_bad) {
+#pragma unroll
+                    for (int nt = 0; nt < NT_S; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int col = n0 + nt * 8 + 2 * c4 + (e & 1);
+                            const int pos = e < 2 ? pos_a : pos_b;
+                            if (col > pos) {
+                                s[nt][e] = WB_NEG_INF;
+                            } else if (tile_bad && bad_s[st * BN + col - n0]) {
+                                s[nt][e] = WB_NEG_INF;
+                                row_bad[e >> 1] = true;
+                            }
+                        }
+                    }
+                }
+
+                // Online softmax. New row max over the tile, across the quad.
+                float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+                for (int nt = 0; nt < NT_S; ++nt) {
+                    mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+                    mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+                }
+                float corr[2], mb[2];
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                    // A row with nothing visible yet keeps max -inf: use 0 so
+                    // that exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
+                    mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
+                    corr[i] = m_r[i] == WB_NEG_INF ? 0.f : exp2f(m_r[i] * sl2 - mb[i]);
+                    m_r[i] = mx[i];
+                }
+                // p = exp(scale * (s - max)) = exp2(s * sl2 - max * sl2), in place.
+                float rs[2] = {0.f, 0.f};
+#pragma unroll
+                for (int nt = 0; nt < NT_S; ++nt) {
+                    s[nt][0] = exp2f(fmaf(s[nt][0], sl2, -mb[0]));
+                    s[nt][1] = exp2f(fmaf(s[nt][1], sl2, -mb[0]));
+                    s[nt][2] = exp2f(fmaf(s[nt][2], sl2, -mb[1]));
+                    s[nt][3] = exp2f(fmaf(s[nt][3], sl2, -mb[1]));
+                    rs[0] += s[nt][0] + s[nt][1];
+                    rs[1] += s[nt][2] + s[nt][3];
+                }
+                l_r[0] = l_r[0] * corr[0] + rs[0];
+                l_r[1] = l_r[1] * corr[1] + rs[1];
+#pragma unroll
+                for (int nt = 0; nt < NT_O; ++nt) {
+                    o[nt][0] *= corr[0];
+                    o[nt][1] *= corr[0];
+                    o[nt][2] *= corr[1];
+                    o[nt][3] *= corr[1];
+                }
+
+                // O += P V: P's A fragments straight from S's C fragments.
+#pragma unroll
+                for (int kk = 0; kk < KS_PV; ++kk) {
+                    unsigned a[4];
+                    a[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
+                    a[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
+                    a[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                    a[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                    for (int dp = 0; dp < D / 16; ++dp) {
+                        unsigned vb[4];
+                        pf_ldsm_x4_trans(vb, pf_smem_addr(vt + (kk * 16 + (lane & 15)) * LD + dp * 16 +
+                                                          (lane >> 4) * 8));
+                        Mma::mma(o[2 * dp], a, vb[0], vb[1]);
+                        Mma::mma(o[2 * dp + 1], a, vb[2], vb[3]);
+                    }
+                }
+            }
+            __syncthreads();   // buffer st is refilled with tile j+2 next iteration
+        }
+
+        if (warp_live) {
+            // Whole-row sums and flags across the quad (every lane of a quad
+            // ends with the same values: a + b == b + a in floating point).
+            float inv[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+                l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+                int bad = row_bad[i];
+                bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
+                bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
+                inv[i] = bad ? WB_NAN : (l_r[i] > 0.f ? 1.f / l_r[i] : 0.f);
+            }
+            // Stage the warp's 16 output rows in its own rows of q_s (no other
+            // warp reads them), then store 16 bytes per lane and step.
+            T* os = q_s + wrow * LD;
+            __syncwarp();
+#pragma unroll
+            for (int nt = 0; nt < NT_O; ++nt) {
+                const int col = nt * 8 + 2 * c4;
+                *reinterpret_cast<unsigned*>(os + g * LD + col) =
+                    Mma::pack(o[nt][0] * inv[0], o[nt][1] * inv[0]);
+                *reinterpret_cast<unsigned*>(os + (g + 8) * LD + col) =
+                    Mma::pack(o[nt][2] * inv[1], o[nt][3] * inv[1]);
+            }
+            __syncwarp();
+            for (int i = lane; i < 16 * CH; i += 32) {
+                const int r = i / CH, ch = i - r * CH;
+                if (wrow + r < rows)
+                    store16(out + (lo + m0 + wrow + r) * row_stride + (i64)h * D + ch * 8,
+                            load16(os + r * LD + ch * 8));
+            }
+        }
+        __syncthreads();   // q_s and buffer 0 are refilled by the next tile
+    }
+}
+
+// One entry point per (head_dim, storage type): prefill_attention_v1_d{D}_{bf16,f16}.
+// The host (src/prefill_attention.rs) keeps the same (D, BN) table.
+#define PF_ENTRY(T, S, D, BN)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill_attention_v1_d##D##_##S(   \
+        T* out, const T* q, const T* k_cache, const T* v_cache, const int* cu_seqlens_q,        \
+        const int* kv_lens, const int* block_tables, float scale, int total_q, int q_heads,     \
+        int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks) {                 \
+        prefill_attention_v1_impl<T, D, BN>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,    \
+                                            block_tables, scale, total_q, q_heads, kv_heads,    \
+                                            block_size, max_blocks_per_seq, num_blocks);        \
+    }
+#define PF_ENTRIES(T, S)      \
+    PF_ENTRY(T, S, 64, 64)    \
+    PF_ENTRY(T, S, 80, 64)    \
+    PF_ENTRY(T, S, 96, 64)    \
+    PF_ENTRY(T, S, 128, 64)   \
+    PF_ENTRY(T, S, 256, 32)
+// 16-bit storage only: the tensor-core path has no f32 form (the launcher
+// refuses f32 with an Unsupported error).
+PF_ENTRIES(__nv_bfloat16, bf16)
+PF_ENTRIES(__half, f16)

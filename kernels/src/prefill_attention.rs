@@ -1,0 +1,328 @@
+//! Launcher for `cuda/prefill_attention.cu`: causal attention of packed
+//! variable-length prefills (or prefill chunks after a cached prefix) over
+//! the paged KV cache, on tensor cores (mma.sync, bf16/f16 storage).
+
+use crate::device::Gpu;
+use crate::dtype::{DType, Storage};
+use crate::error::{check_len, dim_i32, KernelError, Result};
+use crate::launch::{grid_u32, typed_function};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+const OP: &str = "prefill_attention";
+
+/// The variants, oldest first; the engine uses [`PRODUCTION`].
+pub const VARIANTS: &[&str] = &["v1"];
+pub const PRODUCTION: &str = "v1";
+
+/// Query rows per block (4 warps x 16) and threads per block (prefill_attention.cu).
+const BLOCK_M: usize = 64;
+const THREADS: u32 = 128;
+/// Grid y and z are 16-bit on the device.
+const GRID_YZ_MAX: usize = 65535;
+
+/// The head dims with a compiled kernel and the keys per tile each uses
+/// (the `PF_ENTRIES` table of prefill_attention.cu).
+pub const HEAD_DIMS: &[(usize, usize)] = &[(64, 64), (80, 64), (96, 64), (128, 64), (256, 32)];
+
+/// Dynamic shared memory of one block: the Q tile, two K and two V tiles
+/// (rows padded by 8 elements) and two tiles of bad-block flags (i32).
+pub fn shared_bytes(head_dim: usize, tile_n: usize) -> usize {
+    let ld = head_dim + 8;
+    2 * (BLOCK_M * ld + 4 * tile_n * ld) + 4 * 2 * tile_n
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillAttentionDims {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Query rows of all sequences (the last entry of cu_seqlens_q).
+    pub total_q: usize,
+    /// The longest sequence's query count: sizes the grid. A smaller value
+    /// is still correct (each block loops over its tiles), only slower.
+    pub max_q_len: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_blocks_per_seq: usize,
+    /// Softmax scale (usually 1/sqrt(head_dim)); finite and > 0.
+    pub scale: f32,
+}
+
+impl PrefillAttentionDims {
+    /// Keys per tile for this head_dim, or Unsupported.
+    fn tile_n(&self) -> Result<usize> {
+        HEAD_DIMS
+            .iter()
+            .find(|(d, _)| *d == self.head_dim)
+            .map(|(_, n)| *n)
+            .ok_or_else(|| KernelError::Unsupported {
+                op: OP,
+                what: format!(
+                    "head_dim {} (compiled for {})",
+                    self.head_dim,
+                    HEAD_DIMS
+                        .iter()
+                        .map(|(d, _)| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.q_heads % self.kv_heads.max(1) != 0 {
+            return Err(KernelError::Unsupported {
+                op: OP,
+                what: format!(
+                    "q_heads {} not a multiple of kv_heads {}",
+                    self.q_heads, self.kv_heads
+                ),
+            });
+        }
+        self.tile_n()?;
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(KernelError::Unsupported {
+                op: OP,
+                what: format!("softmax scale {} (must be finite and > 0)", self.scale),
+            });
+        }
+        if self.max_q_len > self.total_q {
+            return Err(KernelError::shape(
+                OP,
+                "max_q_len",
+                format!("<= total_q ({})", self.total_q),
+                self.max_q_len,
+            ));
+        }
+        // The kernel compares kv_len with max_blocks_per_seq * block_size in i64,
+        // but token indices are i32.
+        if self.max_blocks_per_seq.saturating_mul(self.block_size) > i32::MAX as usize {
+            return Err(KernelError::shape(
+                OP,
+                "max_blocks_per_seq * block_size",
+                "<= 2^31 - 1 tokens per sequence",
+                self.max_blocks_per_seq.saturating_mul(self.block_size),
+            ));
+        }
+        if self.batch > GRID_YZ_MAX {
+            return Err(KernelError::shape(
+                OP,
+                "batch",
+                format!("<= {GRID_YZ_MAX} (grid y)"),
+                self.batch,
+            ));
+        }
+        if self.max_q_len.div_ceil(BLOCK_M) > GRID_YZ_MAX {
+            return Err(KernelError::shape(
+                OP,
+                "max_q_len",
+                format!("<= {} (grid z of 64-row tiles)", GRID_YZ_MAX * BLOCK_M),
+                self.max_q_len,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// out [total_q, q_heads, head_dim] = causal attention of q [total_q,
+/// q_heads, head_dim] (sequence b owns rows cu_seqlens_q[b]..cu_seqlens_q[b+1])
+/// over the first kv_lens[b] tokens of sequence b in the caches [num_blocks,
+/// block_size, kv_heads, head_dim] through block_tables [batch,
+/// max_blocks_per_seq]. The new tokens are the last q_len of each context:
+/// query i sits at position kv_lens[b] - q_len + i.
+///
+/// bf16 and f16 only (tensor cores); f32 storage is Unsupported.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    q: &CudaView<T>,
+    k_cache: &CudaView<T>,
+    v_cache: &CudaView<T>,
+    cu_seqlens_q: &CudaView<i32>,
+    kv_lens: &CudaView<i32>,
+    block_tables: &CudaView<i32>,
+    d: PrefillAttentionDims,
+    variant: &str,
+) -> Result<()> {
+    if T::DTYPE == DType::F32 {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: "f32 storage (the tensor-core kernel takes bf16 or f16)".into(),
+        });
+    }
+    let q_heads = dim_i32(OP, "q_heads", d.q_heads)?;
+    let kv_heads = dim_i32(OP, "kv_heads", d.kv_heads)?;
+    dim_i32(OP, "head_dim", d.head_dim)?; // a template argument of the kernel, not a parameter
+    let block_size = dim_i32(OP, "block_size", d.block_size)?;
+    let num_blocks = dim_i32(OP, "num_blocks", d.num_blocks)?;
+    let mbps = dim_i32(OP, "max_blocks_per_seq", d.max_blocks_per_seq)?;
+    let total_q = i32::try_from(d.total_q)
+        .map_err(|_| KernelError::shape(OP, "total_q", "<= 2^31 - 1", d.total_q))?;
+    d.validate()?;
+    let qlen = d.total_q * d.q_heads * d.head_dim;
+    check_len(OP, "q [total_q, q_heads, head_dim]", q.len(), qlen)?;
+    check_len(OP, "out [total_q, q_heads, head_dim]", out.len(), qlen)?;
+    let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
+    check_len(
+        OP,
+        "k_cache [num_blocks, block_size, kv_heads, head_dim]",
+        k_cache.len(),
+        cache,
+    )?;
+    check_len(
+        OP,
+        "v_cache [num_blocks, block_size, kv_heads, head_dim]",
+        v_cache.len(),
+        cache,
+    )?;
+    check_len(
+        OP,
+        "cu_seqlens_q [batch + 1]",
+        cu_seqlens_q.len(),
+        d.batch + 1,
+    )?;
+    check_len(OP, "kv_lens [batch]", kv_lens.len(), d.batch)?;
+    check_len(
+        OP,
+        "block_tables [batch, max_blocks_per_seq]",
+        block_tables.len(),
+        d.batch * d.max_blocks_per_seq,
+    )?;
+    if !VARIANTS.contains(&variant) {
+        return Err(KernelError::Unsupported {
+            op: OP,
+            what: format!("variant `{variant}` (known: {})", VARIANTS.join(", ")),
+        });
+    }
+    if d.batch == 0 || d.total_q == 0 {
+        return Ok(());
+    }
+    if d.max_q_len == 0 {
+        return Err(KernelError::shape(
+            OP,
+            "max_q_len",
+            ">= 1 when total_q > 0",
+            0,
+        ));
+    }
+    let tile_n = d.tile_n()?;
+    let smem = shared_bytes(d.head_dim, tile_n);
+    let f = typed_function::<T>(
+        gpu,
+        "prefill_attention",
+        &format!("prefill_attention_v1_d{}", d.head_dim),
+    )?;
+    if smem > 48 * 1024 {
+        // Above 48 KB a kernel must opt in to dynamic shared memory (A100:
+        // up to 163 KB per block, H100: 227 KB; the largest here is ~99 KB).
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(KernelError::driver("set prefill_attention shared memory"))?;
+    }
+    let grid = (
+        q_heads as u32,
+        grid_u32(OP, "batch", d.batch)?,
+        grid_u32(OP, "max_q_len / 64", d.max_q_len.div_ceil(BLOCK_M))?,
+    );
+    let scale = d.scale;
+    // SAFETY: every buffer length is checked above against the dims passed to
+    // the kernel. Offsets and lengths live on the device: the kernel clamps
+    // each sequence's rows into [0, total_q], treats out-of-order offsets, a
+    // kv_len below the query count or beyond max_blocks_per_seq * block_size,
+    // and misaligned pointers as bad input (NaN rows, nothing read), and
+    // range-checks every block id before reading a slot. Shared memory is
+    // sized by `shared_bytes` for this head_dim, as the kernel lays it out.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(out)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(cu_seqlens_q)
+            .arg(kv_lens)
+            .arg(block_tables)
+            .arg(&scale)
+            .arg(&total_q)
+            .arg(&q_heads)
+            .arg(&kv_heads)
+            .arg(&block_size)
+            .arg(&mbps)
+            .arg(&num_blocks)
+            .launch(LaunchConfig {
+                grid_dim: grid,
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+    }
+    .map_err(KernelError::driver("launch prefill_attention"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_fits_an_a100_block() {
+        for &(d, n) in HEAD_DIMS {
+            let s = shared_bytes(d, n);
+            assert!(s <= 163 * 1024, "head_dim {d}: {s} bytes");
+            assert_eq!(s % 16, 0);
+        }
+        // d128: Q 64 x 136 + 4 tiles of 64 x 136 bf16, plus 2 x 64 flags.
+        assert_eq!(shared_bytes(128, 64), 2 * (64 * 136 + 4 * 64 * 136) + 512);
+    }
+
+    fn dims() -> PrefillAttentionDims {
+        PrefillAttentionDims {
+            batch: 2,
+            total_q: 100,
+            max_q_len: 60,
+            q_heads: 14,
+            kv_heads: 2,
+            head_dim: 64,
+            block_size: 16,
+            num_blocks: 30,
+            max_blocks_per_seq: 8,
+            scale: 0.125,
+        }
+    }
+
+    #[test]
+    fn bad_dims_are_refused_with_the_argument_named() {
+        assert!(dims().validate().is_ok());
+        let msg = |d: PrefillAttentionDims| d.validate().unwrap_err().to_string();
+        assert!(msg(PrefillAttentionDims {
+            head_dim: 72,
+            ..dims()
+        })
+        .contains("head_dim 72"));
+        assert!(msg(PrefillAttentionDims {
+            q_heads: 13,
+            ..dims()
+        })
+        .contains("not a multiple"));
+        assert!(msg(PrefillAttentionDims {
+            scale: f32::NAN,
+            ..dims()
+        })
+        .contains("scale"));
+        assert!(msg(PrefillAttentionDims {
+            max_q_len: 101,
+            ..dims()
+        })
+        .contains("max_q_len"));
+        assert!(msg(PrefillAttentionDims {
+            batch: 70000,
+            ..dims()
+        })
+        .contains("batch"));
+    }
+}
