@@ -496,7 +496,7 @@ fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
         i.truncate(5);
         i
     };
-    for r in 0..lens.len() {
+    for (r, len) in lens.iter().enumerate() {
         let (a, b) = (
             fast.logits_host(&gpu, r).unwrap(),
             rows.logits_host(&gpu, r).unwrap(),
@@ -512,7 +512,7 @@ fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
             .sum();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
         let rel = (num / den).sqrt();
-        println!("sequence {r} ({} tokens): rel L2 {rel:.3e}", lens[r]);
+        println!("sequence {r} ({len} tokens): rel L2 {rel:.3e}");
         assert!(rel <= 2e-2, "sequence {r}: rel L2 {rel:.3e}");
         assert!(top5(&a).contains(&top5(&b)[0]) && top5(&b).contains(&top5(&a)[0]));
     }
