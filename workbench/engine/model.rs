@@ -643,15 +643,16 @@ where
             seqs: None,
         };
         self.upload(gpu, &padded)?;
-        let generation = gpu.scratch_generation();
         let fresh = self
             .graphs
             .get(&bucket)
-            .is_some_and(|(_, g)| *g == generation);
+            .is_some_and(|(_, g)| *g == gpu.scratch_generation());
         if !fresh {
-            // Run once eagerly (loads modules, sizes the scratch), then capture.
+            // Run once eagerly (loads modules, sizes the scratch), then
+            // capture under the scratch generation that run leaves.
             self.launch_forward(gpu, bucket, bucket, width)?;
             gpu.synchronize()?;
+            let generation = gpu.scratch_generation();
             let s = gpu.stream().clone();
             s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .map_err(KernelError::driver("cuStreamBeginCapture"))?;
