@@ -579,9 +579,20 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
-            let mut w = csv::Writer::from_path(csv_path.with_file_name("e2e-breakdown.csv"))
-                .context("writing e2e-breakdown.csv")?;
-            w.write_record(["model", "dtype", "batch", "op", "us_per_step", "share"])?;
+            // Appended like e2e.csv, so runs of several models sit together.
+            let bpath = csv_path.with_file_name("e2e-breakdown.csv");
+            let fresh = std::fs::metadata(&bpath)
+                .map(|m| m.len() == 0)
+                .unwrap_or(true);
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&bpath)
+                .with_context(|| format!("opening {}", bpath.display()))?;
+            let mut w = csv::Writer::from_writer(file);
+            if fresh {
+                w.write_record(["model", "dtype", "batch", "op", "us_per_step", "share"])?;
+            }
             for (op, us) in &bd.ops {
                 let share = us / bd.kernels_us;
                 t.add_row(vec![
