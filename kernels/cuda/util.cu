@@ -164,3 +164,35 @@ __device__ void sample_rows_impl(int* __restrict__ out, const T* __restrict__ lo
         sample_rows_impl<T>(out, logits, ld, vocab, inv_temp, seeds);                           \
     }
 WB_FOR_EACH_DTYPE(WB_SAMPLE)
+
+// split_qkv_bias_*: the engine's fused q|k|v projection output qkv [rows,
+// qd + 2kd] (one GEMM) plus its bias [qd + 2kd], split into contiguous
+// q [rows, qd], k [rows, kd], v [rows, kd]. f32 add, one rounding: the same
+// values as three GEMMs each followed by add_bias. Grid-stride over rows x
+// (qd + 2kd), one element per thread and step.
+template <typename T>
+__device__ void split_qkv_bias_impl(T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
+                                    const T* __restrict__ qkv, const T* __restrict__ bias,
+                                    i64 rows, int qd, int kd) {
+    const int w = qd + 2 * kd;
+    const i64 n = rows * w;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const i64 r = i / w;
+        const int c = (int)(i - r * w);
+        const T y = from_f32<T>(to_f32(qkv[i]) + to_f32(bias[c]));
+        if (c < qd)
+            q[r * qd + c] = y;
+        else if (c < qd + kd)
+            k[r * kd + (c - qd)] = y;
+        else
+            v[r * kd + (c - qd - kd)] = y;
+    }
+}
+
+#define WB_SPLIT_QKV(T, S)                                                                  \
+    extern "C" __global__ void split_qkv_bias_##S(T* q, T* k, T* v, const T* qkv,          \
+                                                  const T* bias, i64 rows, int qd, int kd) { \
+        split_qkv_bias_impl<T>(q, k, v, qkv, bias, rows, qd, kd);                           \
+    }
+WB_FOR_EACH_DTYPE(WB_SPLIT_QKV)

@@ -190,3 +190,55 @@ pub fn sample_rows<T: Storage>(
     .map_err(KernelError::driver("launch sample_rows"))?;
     Ok(())
 }
+
+/// q [rows, qd], k [rows, kd], v [rows, kd] = split(qkv [rows, qd + 2kd] +
+/// bias [qd + 2kd]): the bias add and split after the fused q|k|v GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn split_qkv_bias<T: Storage>(
+    gpu: &Gpu,
+    q: &mut CudaViewMut<T>,
+    k: &mut CudaViewMut<T>,
+    v: &mut CudaViewMut<T>,
+    qkv: &CudaView<T>,
+    bias: &CudaView<T>,
+    rows: usize,
+    qd: usize,
+    kd: usize,
+) -> Result<()> {
+    const OP: &str = "split_qkv_bias";
+    let w = qd + 2 * kd;
+    crate::error::check_len(OP, "qkv [rows, qd + 2kd]", qkv.len(), rows * w)?;
+    crate::error::check_len(OP, "bias [qd + 2kd]", bias.len(), w)?;
+    crate::error::check_len(OP, "q [rows, qd]", q.len(), rows * qd)?;
+    crate::error::check_len(OP, "k [rows, kd]", k.len(), rows * kd)?;
+    crate::error::check_len(OP, "v [rows, kd]", v.len(), rows * kd)?;
+    if rows * w == 0 {
+        return Ok(());
+    }
+    let f = typed_function::<T>(gpu, "util", OP)?;
+    let (r, qd_i, kd_i) = (
+        rows as i64,
+        crate::error::dim_i32(OP, "qd", qd)?,
+        crate::error::dim_i32(OP, "kd", kd)?,
+    );
+    let blocks = (rows * w)
+        .div_ceil(256)
+        .min(gpu.info().sm_count.max(1) as usize * 16) as u32;
+    // SAFETY: every length is checked above; the kernel writes q, k, v only
+    // below rows*qd, rows*kd, rows*kd and reads qkv below rows*(qd+2kd).
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(qkv)
+            .arg(bias)
+            .arg(&r)
+            .arg(&qd_i)
+            .arg(&kd_i)
+            .launch(cfg((blocks, 1, 1), 256))
+    }
+    .map_err(KernelError::driver("launch split_qkv_bias"))?;
+    Ok(())
+}

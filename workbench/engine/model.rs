@@ -5,7 +5,7 @@
 //!
 //! Per layer, with the residual stream kept as HF rounds it:
 //!   hn = RMSNorm(residual)                         (rmsnorm / fused_add_rmsnorm)
-//!   q, k, v = hn·Wq^T + bq, hn·Wk^T + bk, hn·Wv^T + bv     (linear + add_bias)
+//!   q|k|v = hn·[Wq; Wk; Wv]^T + b, split          (one GEMM, split_qkv_bias)
 //!   q = RoPE(q); RoPE(k), v -> paged cache in one pass      (rope_kv_store)
 //!   attn = causal GQA attention of q over the cache          (paged_attention)
 //!   residual += attn·Wo^T; hn = RMSNorm(residual)            (fused_add_rmsnorm)
@@ -129,12 +129,11 @@ pub struct SeqInput<'a> {
 struct Layer<T> {
     in_norm: CudaSlice<T>,
     post_norm: CudaSlice<T>,
-    q_w: CudaSlice<T>,
-    q_b: CudaSlice<T>,
-    k_w: CudaSlice<T>,
-    k_b: CudaSlice<T>,
-    v_w: CudaSlice<T>,
-    v_b: CudaSlice<T>,
+    /// [q_heads * d + 2 * kv_heads * d, hidden]: q, k, v rows fused at load,
+    /// so one GEMM computes all three projections.
+    qkv_w: CudaSlice<T>,
+    /// [q_heads * d + 2 * kv_heads * d]
+    qkv_b: CudaSlice<T>,
     o_w: CudaSlice<T>,
     /// [2 * intermediate, hidden]: gate rows then up rows, fused at load so
     /// one GEMM writes silu_mul's [t, gate | up] layout.
@@ -149,6 +148,7 @@ struct Layer<T> {
 struct Workspace<T> {
     residual: CudaSlice<T>,     // [T, h]
     hn: CudaSlice<T>,           // [T, h]
+    qkv: CudaSlice<T>,          // [T, q_heads * d + 2 * kv_heads * d]: fused GEMM output
     q: CudaSlice<T>,            // [T, q_heads * d]
     k: CudaSlice<T>,            // [T, kv_heads * d]
     v: CudaSlice<T>,            // [T, kv_heads * d]
@@ -208,36 +208,6 @@ fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         .stream()
         .alloc_zeros::<T>(n.max(1))
         .map_err(KernelError::driver("allocate model buffers"))?)
-}
-
-/// y [t, out] = x [t, in] · W^T + b (a projection with bias: q, k, v).
-#[allow(clippy::too_many_arguments)]
-fn project<T: Storage>(
-    gpu: &Gpu,
-    y: &mut CudaSlice<T>,
-    x: &CudaSlice<T>,
-    w: &CudaSlice<T>,
-    b: &CudaSlice<T>,
-    t: usize,
-    in_features: usize,
-    out_features: usize,
-) -> Result<(), ModelError>
-where
-    CudaBlas: Gemm<T>,
-{
-    let n = t * out_features;
-    kernels::linear::linear(
-        gpu,
-        &mut y.slice_mut(..n),
-        out_features,
-        &x.slice(..t * in_features),
-        &w.slice(..),
-        t,
-        in_features,
-        out_features,
-    )?;
-    kernels::util::add_bias(gpu, &mut y.slice_mut(..n), &b.slice(..), t, out_features)?;
-    Ok(())
 }
 
 /// residual += x (rounded to T); hn = RMSNorm(residual) * weight, on t rows.
@@ -306,83 +276,91 @@ where
         let (qd, kd) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let mut counter = 0u64;
         // One tensor: from the source (checked size), or random on the GPU.
-        let mut tensor =
-            |names: &[&str], n_each: usize, kind: Init| -> Result<CudaSlice<T>, ModelError> {
-                match &src {
-                    WeightSource::Tensors(get) => {
-                        let mut host: Vec<T> = Vec::with_capacity(n_each * names.len());
-                        for name in names {
-                            let v =
-                                get(name).ok_or_else(|| ModelError::Missing(name.to_string()))?;
-                            if v.len() != n_each {
-                                return Err(ModelError::Size {
-                                    name: name.to_string(),
-                                    expected: n_each,
-                                    actual: v.len(),
-                                });
-                            }
-                            host.extend(v.into_iter().map(|x| T::from_f64(x as f64)));
+        let mut tensor = |parts: &[(&str, usize)],
+                          kind: Init|
+         -> Result<CudaSlice<T>, ModelError> {
+            let total: usize = parts.iter().map(|(_, n)| n).sum();
+            match &src {
+                WeightSource::Tensors(get) => {
+                    let mut host: Vec<T> = Vec::with_capacity(total);
+                    for &(name, n) in parts {
+                        let v = get(name).ok_or_else(|| ModelError::Missing(name.to_string()))?;
+                        if v.len() != n {
+                            return Err(ModelError::Size {
+                                name: name.to_string(),
+                                expected: n,
+                                actual: v.len(),
+                            });
                         }
-                        upload(gpu, &host)
+                        host.extend(v.into_iter().map(|x| T::from_f64(x as f64)));
                     }
-                    WeightSource::Random { seed } => {
-                        let mut buf = zeros::<T>(gpu, n_each * names.len())?;
-                        counter += 1;
-                        let (lo, hi) = kind.range();
-                        kernels::util::fill_random(
-                            gpu,
-                            &mut buf.slice_mut(..),
-                            seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ counter,
-                            lo,
-                            hi,
-                        )?;
-                        Ok(buf)
-                    }
+                    upload(gpu, &host)
                 }
-            };
+                WeightSource::Random { seed } => {
+                    let mut buf = zeros::<T>(gpu, total)?;
+                    counter += 1;
+                    let (lo, hi) = kind.range();
+                    kernels::util::fill_random(
+                        gpu,
+                        &mut buf.slice_mut(..),
+                        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ counter,
+                        lo,
+                        hi,
+                    )?;
+                    Ok(buf)
+                }
+            }
+        };
         let cache = limits.num_blocks * BLOCK_SIZE * kd;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
+            let (qw, kw, vw) = (
+                p("self_attn.q_proj.weight"),
+                p("self_attn.k_proj.weight"),
+                p("self_attn.v_proj.weight"),
+            );
+            let (qb, kb, vb) = (
+                p("self_attn.q_proj.bias"),
+                p("self_attn.k_proj.bias"),
+                p("self_attn.v_proj.bias"),
+            );
             layers.push(Layer {
-                in_norm: tensor(&[&p("input_layernorm.weight")], h, Init::Norm)?,
-                post_norm: tensor(&[&p("post_attention_layernorm.weight")], h, Init::Norm)?,
-                q_w: tensor(&[&p("self_attn.q_proj.weight")], qd * h, Init::Matrix)?,
-                q_b: tensor(&[&p("self_attn.q_proj.bias")], qd, Init::Bias)?,
-                k_w: tensor(&[&p("self_attn.k_proj.weight")], kd * h, Init::Matrix)?,
-                k_b: tensor(&[&p("self_attn.k_proj.bias")], kd, Init::Bias)?,
-                v_w: tensor(&[&p("self_attn.v_proj.weight")], kd * h, Init::Matrix)?,
-                v_b: tensor(&[&p("self_attn.v_proj.bias")], kd, Init::Bias)?,
-                o_w: tensor(&[&p("self_attn.o_proj.weight")], h * qd, Init::Matrix)?,
+                in_norm: tensor(&[(&p("input_layernorm.weight"), h)], Init::Norm)?,
+                post_norm: tensor(&[(&p("post_attention_layernorm.weight"), h)], Init::Norm)?,
+                qkv_w: tensor(&[(&qw, qd * h), (&kw, kd * h), (&vw, kd * h)], Init::Matrix)?,
+                qkv_b: tensor(&[(&qb, qd), (&kb, kd), (&vb, kd)], Init::Bias)?,
+                o_w: tensor(&[(&p("self_attn.o_proj.weight"), h * qd)], Init::Matrix)?,
                 gate_up_w: tensor(
-                    &[&p("mlp.gate_proj.weight"), &p("mlp.up_proj.weight")],
-                    i * h,
+                    &[
+                        (&p("mlp.gate_proj.weight"), i * h),
+                        (&p("mlp.up_proj.weight"), i * h),
+                    ],
                     Init::Matrix,
                 )?,
-                down_w: tensor(&[&p("mlp.down_proj.weight")], h * i, Init::Matrix)?,
+                down_w: tensor(&[(&p("mlp.down_proj.weight"), h * i)], Init::Matrix)?,
                 k_cache: zeros(gpu, cache)?,
                 v_cache: zeros(gpu, cache)?,
             });
         }
         let embed = tensor(
-            &["model.embed_tokens.weight"],
-            cfg.vocab_size * h,
+            &[("model.embed_tokens.weight", cfg.vocab_size * h)],
             Init::Matrix,
         )?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
             Some(tensor(
-                &["lm_head.weight"],
-                cfg.vocab_size * h,
+                &[("lm_head.weight", cfg.vocab_size * h)],
                 Init::Matrix,
             )?)
         };
-        let final_norm = tensor(&["model.norm.weight"], h, Init::Norm)?;
+        let final_norm = tensor(&[("model.norm.weight", h)], Init::Norm)?;
         let (t, s) = (limits.max_tokens, limits.max_seqs);
         let ws = Workspace {
             residual: zeros(gpu, t * h)?,
             hn: zeros(gpu, t * h)?,
+            qkv: zeros(gpu, t * (qd + 2 * kd))?,
             q: zeros(gpu, t * qd)?,
             k: zeros(gpu, t * kd)?,
             v: zeros(gpu, t * kd)?,
@@ -850,10 +828,31 @@ where
                     norm,
                 )?;
             }
-            mark("q/k/v GEMMs + bias")?;
-            project(gpu, &mut ws.q, &ws.hn, &w.q_w, &w.q_b, t, h, qd)?;
-            project(gpu, &mut ws.k, &ws.hn, &w.k_w, &w.k_b, t, h, kd)?;
-            project(gpu, &mut ws.v, &ws.hn, &w.v_w, &w.v_b, t, h, kd)?;
+            mark("qkv GEMM + bias/split")?;
+            // One GEMM for q|k|v, then one kernel adds the bias and splits
+            // the [t, qd + 2kd] rows into contiguous q, k, v.
+            let nqkv = qd + 2 * kd;
+            linear(
+                gpu,
+                &mut ws.qkv.slice_mut(..t * nqkv),
+                nqkv,
+                &ws.hn.slice(..t * h),
+                &w.qkv_w.slice(..),
+                t,
+                h,
+                nqkv,
+            )?;
+            kernels::util::split_qkv_bias(
+                gpu,
+                &mut ws.q.slice_mut(..t * qd),
+                &mut ws.k.slice_mut(..t * kd),
+                &mut ws.v.slice_mut(..t * kd),
+                &ws.qkv.slice(..t * nqkv),
+                &w.qkv_b.slice(..),
+                t,
+                qd,
+                kd,
+            )?;
             {
                 let mut qv = ws.q.slice_mut(..t * qd);
                 let kv = ws.k.slice(..t * kd);
