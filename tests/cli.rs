@@ -84,6 +84,21 @@ fn bad_input_is_exit_2_before_any_gpu_work() {
         &workbench(&["check", "all", "--case", "tokens=1"]),
         "needs one kernel",
     );
+    // e2e: bad requests and limits are named before any GPU work.
+    assert_setup_error(&workbench(&["e2e", "--num-seqs", "0"]), "--num-seqs 0");
+    assert_setup_error(&workbench(&["e2e", "--num-seqs", "300"]), "256 requests");
+    assert_setup_error(
+        &workbench(&["e2e", "--gpu-memory-utilization", "1.5"]),
+        "--gpu-memory-utilization must be in (0, 1]",
+    );
+    assert_setup_error(
+        &workbench(&["e2e", "--max-num-seqs", "0"]),
+        "--max-num-seqs 0",
+    );
+    assert_setup_error(
+        &workbench(&["e2e", "--model", "qwen2-0.6b"]),
+        "not a preset",
+    );
     // clap's own usage errors also exit 2.
     assert_eq!(
         workbench(&["check", "rmsnorm", "--dtype", "fp8"])
@@ -160,4 +175,39 @@ fn check_one_case_writes_csv_and_json_and_sabotage_exits_1() {
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A small e2e run through the CLI: one result line, one CSV row with the
+/// requested counts, the breakdown beside it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn e2e_small_run_writes_its_csv_row_and_breakdown() {
+    let dir = std::env::temp_dir().join(format!("wb-e2e-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let csv = dir.join("e2e.csv");
+    let o = workbench(&[
+        "e2e",
+        "--num-seqs",
+        "8",
+        "--max-output-len",
+        "16",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(out.contains("output tok/s"), "{out}");
+    assert!(!stderr(&o).contains("CUDA graphs off"), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&csv).expect("e2e.csv written");
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    let cols: Vec<&str> = rows[1].split(',').collect();
+    assert_eq!(cols[0], "workbench");
+    assert_eq!(cols[3], "8", "num_seqs in {text}");
+    assert_eq!(cols[5], "128", "8 x 16 output tokens in {text}");
+    let breakdown = std::fs::read_to_string(dir.join("e2e-breakdown.csv")).expect("breakdown");
+    assert!(breakdown.contains("paged_attention") && breakdown.contains("graph replay"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

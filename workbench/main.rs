@@ -467,6 +467,19 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             (cfg, Some(ck))
         }
     };
+    if !(a.gpu_memory_utilization > 0.0 && a.gpu_memory_utilization <= 1.0) {
+        return Err(Setup(anyhow::anyhow!(
+            "--gpu-memory-utilization must be in (0, 1], got {}",
+            a.gpu_memory_utilization
+        )));
+    }
+    if a.max_num_seqs == 0 || a.max_num_seqs > a.max_batched_tokens {
+        return Err(Setup(anyhow::anyhow!(
+            "--max-num-seqs {} must be at least 1 and at most --max-batched-tokens {}",
+            a.max_num_seqs,
+            a.max_batched_tokens
+        )));
+    }
     let mut requests = workbench::workload::nanovllm_256()?;
     if let Some(n) = a.num_seqs {
         if n == 0 || n > requests.len() {
