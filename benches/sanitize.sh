@@ -20,7 +20,7 @@ sanitizer=$(command -v compute-sanitizer || echo "$cuda/bin/compute-sanitizer")
   echo "| kernel | tool | errors | warnings (racecheck hazards) | check result |"
   echo "|---|---|---|---|---|"
 } > "$OUT/sanitizer.md"
-for kernel in ${KERNELS:-paged_attention}; do
+for kernel in ${KERNELS:-paged_attention prefill_attention}; do
   for tool in memcheck racecheck; do
     log="$OUT/sanitizer-$kernel-$tool.log"
     # The binary itself, not a wrapper script: the sanitizer follows the process it starts.
