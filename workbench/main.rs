@@ -77,6 +77,9 @@ struct E2eArgs {
     /// CSV to append the result row to (default: reports/<gpu>/e2e.csv).
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Most tokens one split of decode attention covers (0: the kernel's own plan).
+    #[arg(long, default_value_t = 1024)]
+    decode_split_tokens: usize,
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
@@ -509,6 +512,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         gpu_memory_utilization: a.gpu_memory_utilization,
         num_blocks: a.num_blocks,
         cuda_graphs: !a.eager,
+        decode_split_tokens: a.decode_split_tokens,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
     let src = match &ckpt {

@@ -75,6 +75,22 @@ pub struct PagedAttentionDims {
     pub num_blocks: usize,
     pub max_blocks_per_seq: usize,
     pub scale: f32,
+    /// Most tokens one split may cover (v2, v3), 0 for no cap. The split
+    /// plan only sees the table width, not each sequence's length; a caller
+    /// that knows its batch is ragged (the engine: contexts of 100 to 4096
+    /// under a table as wide as the longest allowed) caps the split so long
+    /// sequences spread over several blocks instead of finishing last.
+    pub max_split_tokens: usize,
+}
+
+/// Apply a [`PagedAttentionDims::max_split_tokens`] cap to a split plan
+/// (splits, tokens per split): whole tiles, never below one tile.
+fn cap_splits(plan: (usize, usize), max_ctx: usize, cap: usize, tile: usize) -> (usize, usize) {
+    if cap == 0 || plan.1 <= cap {
+        return plan;
+    }
+    let t = (cap / tile).max(1) * tile;
+    (max_ctx.div_ceil(t).max(1), t)
 }
 
 impl PagedAttentionDims {
@@ -213,11 +229,16 @@ fn launch_v2<T: Storage>(
         });
     }
     let max_ctx = d.max_blocks_per_seq * d.block_size;
-    let (splits, split_tokens) = v2_splits(
-        d.batch,
-        d.kv_heads,
+    let (splits, split_tokens) = cap_splits(
+        v2_splits(
+            d.batch,
+            d.kv_heads,
+            max_ctx,
+            gpu.info().sm_count.max(1) as usize,
+        ),
         max_ctx,
-        gpu.info().sm_count.max(1) as usize,
+        d.max_split_tokens,
+        V2_TILE,
     );
     let part_o = d.batch * d.q_heads * splits * d.head_dim;
     let part_ml = d.batch * d.q_heads * splits * 2;
@@ -404,12 +425,17 @@ fn launch_v3<T: Storage>(
         });
     }
     let max_ctx = d.max_blocks_per_seq * d.block_size;
-    let (splits, split_tokens) = v3_splits(
-        d.batch,
-        d.kv_heads,
+    let (splits, split_tokens) = cap_splits(
+        v3_splits(
+            d.batch,
+            d.kv_heads,
+            max_ctx,
+            gpu.info().sm_count.max(1) as usize,
+            per_sm as usize,
+        ),
         max_ctx,
-        gpu.info().sm_count.max(1) as usize,
-        per_sm as usize,
+        d.max_split_tokens,
+        V3_TILE,
     );
     let part_o = d.batch * d.q_heads * splits * d.head_dim;
     let part_ml = d.batch * d.q_heads * splits * 2;
@@ -480,6 +506,19 @@ fn launch_v3<T: Storage>(
 #[cfg(test)]
 mod tests {
     use super::{v2_splits, v3_smem_bytes, v3_splits};
+
+    #[test]
+    fn a_split_cap_spreads_long_contexts_over_whole_tiles() {
+        use super::cap_splits;
+        // No cap, or a cap above the plan: unchanged.
+        assert_eq!(cap_splits((1, 4096), 4096, 0, 64), (1, 4096));
+        assert_eq!(cap_splits((2, 2048), 4096, 4096, 64), (2, 2048));
+        // 4096 tokens capped at 512: 8 splits of 512.
+        assert_eq!(cap_splits((1, 4096), 4096, 512, 64), (8, 512));
+        // A cap that is not a tile multiple rounds down, never below a tile.
+        assert_eq!(cap_splits((1, 1000), 1000, 300, 64), (4, 256));
+        assert_eq!(cap_splits((1, 1000), 1000, 10, 64), (16, 64));
+    }
 
     #[test]
     fn split_plan_fills_the_card_and_covers_the_context() {

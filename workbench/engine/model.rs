@@ -191,6 +191,11 @@ pub struct GpuModel<T> {
     /// (bf16/f16 with a head_dim it is compiled for); else one decode row
     /// per token.
     pub prefill_kernel: bool,
+    /// Cap on tokens per split of decode attention (0: the launcher's own
+    /// plan). Decode batches are ragged and the graph's block tables are as
+    /// wide as `max_model_len`, so without a cap the longest sequence of a
+    /// batch runs as one block and finishes last.
+    pub decode_split_tokens: usize,
 }
 
 fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, ModelError> {
@@ -393,6 +398,7 @@ where
             limits,
             last_rows: 0,
             graphs: HashMap::new(),
+            decode_split_tokens: 0,
             prefill_kernel: T::DTYPE != kernels::DType::F32
                 && kernels::prefill_attention::HEAD_DIMS
                     .iter()
@@ -781,6 +787,7 @@ where
         let (qh, kvh) = (c.num_attention_heads, c.num_key_value_heads);
         let (qd, kd) = (qh * d, kvh * d);
         let vocab = c.vocab_size;
+        let split_cap = self.decode_split_tokens;
         let GpuModel {
             layers,
             ws,
@@ -893,6 +900,7 @@ where
                 num_blocks,
                 max_blocks_per_seq: mbps,
                 scale: 1.0 / (d as f32).sqrt(),
+                max_split_tokens: split_cap,
             };
             if let Some((batch, max_q_len)) = seqs {
                 mark("prefill_attention")?;

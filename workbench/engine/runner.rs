@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub num_blocks: Option<usize>,
     /// Replay decode steps from CUDA graphs captured per padded batch size.
     pub cuda_graphs: bool,
+    /// Most tokens one split of decode attention covers (0: no cap); see
+    /// `GpuModel::decode_split_tokens`.
+    pub decode_split_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -77,6 +80,7 @@ impl Default for EngineConfig {
             gpu_memory_utilization: 0.9,
             num_blocks: None,
             cuda_graphs: true,
+            decode_split_tokens: 1024,
         }
     }
 }
@@ -190,7 +194,8 @@ where
             num_blocks: limits.num_blocks,
             block_size: BLOCK_SIZE,
         })?;
-        let model = GpuModel::build(gpu, cfg, src, limits)?;
+        let mut model = GpuModel::build(gpu, cfg, src, limits)?;
+        model.decode_split_tokens = ec.decode_split_tokens;
         Ok(Self {
             model,
             sched,

@@ -9,7 +9,9 @@
 //! the others a random count in 1..=ctx.
 //!
 //! Case keys: batch, q_heads, kv_heads, head_dim, block_size, ctx, ragged
-//! (0/1), pool, gen, seed. Softmax scale 1/sqrt(head_dim).
+//! (0/1), pool, max_split (the launcher's `max_split_tokens`, default 0 = no
+//! cap; the engine caps its ragged batches), gen, seed. Softmax scale
+//! 1/sqrt(head_dim).
 
 use crate::by_dtype;
 use crate::case::{Case, CaseError};
@@ -68,6 +70,8 @@ struct Params {
     ctx: usize,
     ragged: bool,
     pool: usize,
+    /// Launcher cap on tokens per split (0: none).
+    max_split: usize,
 }
 
 impl Params {
@@ -89,6 +93,7 @@ fn params(case: &Case) -> Result<Params, CaseError> {
         ctx: case.parse("ctx", "a context length >= 0")?,
         ragged: case.flag("ragged")?,
         pool: case.parse_or("pool", 3usize, "a positive integer")?.max(1),
+        max_split: case.parse_or("max_split", 0usize, "tokens per split, 0 for no cap")?,
     };
     let bad = |key: &str, value: usize, want: &str| CaseError::Value {
         case: case.to_string(),
@@ -148,6 +153,7 @@ impl Op for PagedAttention {
             "ctx",
             "ragged",
             "pool",
+            "max_split",
         ]
     }
     fn sabotages(&self) -> &'static [Sabotage] {
@@ -174,6 +180,11 @@ impl Op for PagedAttention {
         }
         for gen in Gen::ALL {
             v.push(case(3, 14, 2, 64, 16, 40, 1, gen));
+        }
+        // Ragged batches under a split cap (the engine's decode): long
+        // sequences cut into 64- and 128-token splits, short ones in one.
+        for (cap, q, kv, d) in [(64, 14, 2, 64), (128, 28, 4, 128)] {
+            v.push(case(9, q, kv, d, 16, 700, 1, Gen::Randn).with("max_split", cap));
         }
         // Long contexts.
         v.push(case(2, 12, 2, 128, 32, 4097, 1, Gen::Randn));
@@ -409,6 +420,7 @@ fn run_t<T: Stored>(
             num_blocks: nb,
             max_blocks_per_seq: mbps,
             scale: scale as f32,
+            max_split_tokens: p.max_split,
         };
         kernels::paged_attention::paged_attention(
             gpu,
@@ -486,6 +498,7 @@ fn bench_t<T: Stored>(
         num_blocks: nb,
         max_blocks_per_seq: mbps,
         scale: 1.0 / (p.head_dim as f32).sqrt(),
+        max_split_tokens: p.max_split,
     };
     let qn = p.batch * p.q_heads * p.head_dim;
     let c = nb * p.block_size * p.kv_heads * p.head_dim;
