@@ -77,8 +77,10 @@ struct E2eArgs {
     /// CSV to append the result row to (default: reports/<gpu>/e2e.csv).
     #[arg(long)]
     csv: Option<PathBuf>,
-    /// Most tokens one split of decode attention covers (0: the kernel's own plan).
-    #[arg(long, default_value_t = 1024)]
+    /// Cap on tokens per split of decode attention (0: the kernel's own plan,
+    /// the fastest measured: caps of 1024 and 512 cost 5% and 18% of decode
+    /// attention time on the default workload, CHALLENGES #12).
+    #[arg(long, default_value_t = 0)]
     decode_split_tokens: usize,
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]

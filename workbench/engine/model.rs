@@ -192,9 +192,10 @@ pub struct GpuModel<T> {
     /// per token.
     pub prefill_kernel: bool,
     /// Cap on tokens per split of decode attention (0: the launcher's own
-    /// plan). Decode batches are ragged and the graph's block tables are as
-    /// wide as `max_model_len`, so without a cap the longest sequence of a
-    /// batch runs as one block and finishes last.
+    /// plan, the default). Decode batches are ragged, so without a cap the
+    /// longest sequence of a batch runs as one block and finishes last; but
+    /// on the e2e workload the merge a cap adds cost more than the balance
+    /// gained (CHALLENGES #12), so it stays off unless asked for.
     pub decode_split_tokens: usize,
 }
 

@@ -80,7 +80,7 @@ impl Default for EngineConfig {
             gpu_memory_utilization: 0.9,
             num_blocks: None,
             cuda_graphs: true,
-            decode_split_tokens: 1024,
+            decode_split_tokens: 0,
         }
     }
 }
