@@ -8,7 +8,6 @@
 //! a sequence's first token; TPOT is (finish − first token) / (outputs − 1).
 
 use crate::engine::config::Qwen2Config;
-use crate::engine::floor::{decode_step_floor, StepFloor};
 use crate::engine::model::WeightSource;
 use crate::engine::runner::{Engine, EngineConfig, EngineError, Finished};
 use crate::engine::sampler::SamplingParams;
@@ -330,17 +329,6 @@ where
         }),
         breakdown,
     })
-}
-
-/// The decode step's floor for the context lengths of a full-batch step.
-pub fn floor_for(
-    cfg: &Qwen2Config,
-    dtype_bytes: usize,
-    ctx: &[usize],
-    gb_per_s: f64,
-    tflop_per_s: f64,
-) -> StepFloor {
-    decode_step_floor(cfg, dtype_bytes, ctx, gb_per_s, tflop_per_s)
 }
 
 /// Append `row` to `path` (header when the file is new or empty).

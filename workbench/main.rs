@@ -576,8 +576,13 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
     });
     if let Some((n, mean_s, ctx)) = &res.full_decode {
         let c = workbench::ceilings::measure(&gpu)?;
-        let floor =
-            workbench::e2e::floor_for(&cfg, a.dtype.size_bytes(), ctx, c.gb_per_s, c.tflop_per_s);
+        let floor = workbench::engine::floor::decode_step_floor(
+            &cfg,
+            a.dtype.size_bytes(),
+            ctx,
+            c.gb_per_s,
+            c.tflop_per_s,
+        );
         println!(
             "decode step at batch {}: {:.3} ms mean over {n} steps in the run (scheduling and \
              sampling included); roofline floor {:.3} ms ({:.1} MB at {:.0} GB/s, {:.2} TFLOP at \

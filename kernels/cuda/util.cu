@@ -47,22 +47,6 @@ extern "C" __global__ void copy_vec16(uint4* __restrict__ dst, const uint4* __re
     for (; i < n; i += stride) dst[i] = src[i];
 }
 
-// add_bias_*: y[r, c] += b[c] for y [rows, cols] (the q/k/v projection biases,
-// after the cuBLAS GEMM). f32 arithmetic, one rounding.
-template <typename T>
-__device__ void add_bias_impl(T* y, const T* b, i64 rows, int cols) {
-    const i64 n = rows * cols;
-    const i64 stride = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-        y[i] = from_f32<T>(to_f32(y[i]) + to_f32(b[i % cols]));
-}
-
-#define WB_ADD_BIAS(T, S)                                                                  \
-    extern "C" __global__ void add_bias_##S(T* y, const T* b, i64 rows, int cols) {       \
-        add_bias_impl<T>(y, b, rows, cols);                                                \
-    }
-WB_FOR_EACH_DTYPE(WB_ADD_BIAS)
-
 // gather_rows_*: out[i, :] = src[idx[i], :] for out [n, cols], src [rows, cols],
 // idx [n] i32 (the engine's embedding lookup, and the pick of each sequence's
 // last hidden row before the LM head). An index outside [0, rows) writes NaN
@@ -167,9 +151,9 @@ WB_FOR_EACH_DTYPE(WB_SAMPLE)
 
 // split_qkv_bias_*: the engine's fused q|k|v projection output qkv [rows,
 // qd + 2kd] (one GEMM) plus its bias [qd + 2kd], split into contiguous
-// q [rows, qd], k [rows, kd], v [rows, kd]. f32 add, one rounding: the same
-// values as three GEMMs each followed by add_bias. Grid-stride over rows x
-// (qd + 2kd), one element per thread and step.
+// q [rows, qd], k [rows, kd], v [rows, kd]. The GEMM's output is already
+// rounded to T; the bias is added in f32 and rounded once. Grid-stride over
+// rows x (qd + 2kd), one element per thread and step.
 template <typename T>
 __device__ void split_qkv_bias_impl(T* __restrict__ q, T* __restrict__ k, T* __restrict__ v,
                                     const T* __restrict__ qkv, const T* __restrict__ bias,

@@ -68,41 +68,6 @@ pub fn copy_vec16(
     Ok(())
 }
 
-/// y [rows, cols] += b [cols], broadcast over rows.
-pub fn add_bias<T: Storage>(
-    gpu: &Gpu,
-    y: &mut CudaViewMut<T>,
-    b: &CudaView<T>,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    crate::error::check_len("add_bias", "y [rows, cols]", y.len(), rows * cols)?;
-    crate::error::check_len("add_bias", "b [cols]", b.len(), cols)?;
-    if rows * cols == 0 {
-        return Ok(());
-    }
-    let f = typed_function::<T>(gpu, "util", "add_bias")?;
-    let (r, c) = (
-        rows as i64,
-        crate::error::dim_i32("add_bias", "cols", cols)?,
-    );
-    let blocks = (rows * cols)
-        .div_ceil(256)
-        .min(gpu.info().sm_count.max(1) as usize * 16) as u32;
-    // SAFETY: y holds rows*cols and b cols elements (checked); grid-stride below rows*cols.
-    unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(y)
-            .arg(b)
-            .arg(&r)
-            .arg(&c)
-            .launch(cfg((blocks, 1, 1), 256))
-    }
-    .map_err(KernelError::driver("launch add_bias"))?;
-    Ok(())
-}
-
 /// out [n, cols] = src[idx[i], :] for idx [n] (i32); an index outside
 /// [0, rows) gives a NaN row on the device.
 pub fn gather_rows<T: Storage>(

@@ -255,26 +255,27 @@ where
             Vec::with_capacity(t),
             Vec::with_capacity(batch.len()),
         );
+        // Prefill steps also give the per-sequence view (prefill kernel).
+        let prefill = batch.kind == BatchKind::Prefill;
+        let (mut cu, mut kv_lens, mut seq_tables) = (vec![0i32], Vec::new(), Vec::new());
+        let mut max_q_len = 0;
         for item in &batch.items {
+            // The sequence's block table padded to mbps, built once and
+            // repeated for each of its tokens' attention rows.
+            let mut row: Vec<i32> = item.block_table.iter().map(|&b| b as i32).collect();
+            row.resize(mbps, 0);
             tokens.extend_from_slice(&item.tokens);
             slots.extend_from_slice(&item.slots);
             for p in item.start..item.end {
                 positions.push(p as i32);
                 lens.push(p as i32 + 1);
-                tables.extend(item.block_table.iter().map(|&b| b as i32));
-                tables.extend(std::iter::repeat_n(0, mbps - item.block_table.len()));
+                tables.extend_from_slice(&row);
             }
             last.push(tokens.len() as i32 - 1);
-        }
-        // Prefill steps also give the per-sequence view (prefill kernel).
-        let (mut cu, mut kv_lens, mut seq_tables) = (vec![0i32], Vec::new(), Vec::new());
-        let mut max_q_len = 0;
-        if batch.kind == BatchKind::Prefill {
-            for item in &batch.items {
-                cu.push(cu.last().copied().unwrap_or(0) + (item.end - item.start) as i32);
+            if prefill {
+                cu.push(tokens.len() as i32);
                 kv_lens.push(item.end as i32);
-                seq_tables.extend(item.block_table.iter().map(|&b| b as i32));
-                seq_tables.extend(std::iter::repeat_n(0, mbps - item.block_table.len()));
+                seq_tables.extend_from_slice(&row);
                 max_q_len = max_q_len.max(item.end - item.start);
             }
         }
@@ -286,7 +287,7 @@ where
             mbps,
             lens: &lens,
             last: &last,
-            seqs: (batch.kind == BatchKind::Prefill).then_some(SeqInput {
+            seqs: prefill.then_some(SeqInput {
                 cu_seqlens: &cu,
                 kv_lens: &kv_lens,
                 tables: &seq_tables,
