@@ -99,6 +99,19 @@ fn bad_input_is_exit_2_before_any_gpu_work() {
         &workbench(&["e2e", "--model", "qwen2-0.6b"]),
         "not a preset",
     );
+    // parity: a missing golden, or a file that is not one.
+    assert_setup_error(
+        &workbench(&["parity", "--model", "/nonexistent/model"]),
+        "hf_parity.py",
+    );
+    let dir = std::env::temp_dir().join(format!("wb-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("golden.json"), r#"{"schema_version": 7}"#).unwrap();
+    assert_setup_error(
+        &workbench(&["parity", "--model", dir.to_str().unwrap()]),
+        "not a golden",
+    );
+    std::fs::remove_dir_all(&dir).ok();
     // clap's own usage errors also exit 2.
     assert_eq!(
         workbench(&["check", "rmsnorm", "--dtype", "fp8"])

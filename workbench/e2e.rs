@@ -55,16 +55,56 @@ pub struct E2eResult {
     pub breakdown: Option<Breakdown>,
 }
 
-/// GPU time of one decode step by op (µs per step, medians of 20 eager
-/// runs with an event between ops) and the same step replayed as a graph.
+/// GPU time of one decode step by op, µs per step: medians of 20 replays
+/// of the step captured as a CUDA graph with an event-record node between
+/// ops (as the engine runs decode), and of 20 eager runs with an event
+/// between ops (those carry host launch gaps); and the unmarked step
+/// replayed as a graph.
 #[derive(Clone, Debug)]
 pub struct Breakdown {
     pub batch: usize,
-    pub ops: Vec<(&'static str, f64)>,
-    /// Sum of `ops`: the step's kernel time without launch gaps.
+    /// (op, graph-replay µs, eager µs); graph `None` with `--eager`.
+    pub ops: Vec<(&'static str, Option<f64>, f64)>,
+    /// Sum of the graph column (eager when there is none).
     pub kernels_us: f64,
     /// Median of 50 replays of the captured decode graph.
     pub graph_us: Option<f64>,
+    /// Decode attention (graph replay) with the rows in the scheduler's
+    /// order instead of longest first: what the sort buys.
+    pub arrival_attention_us: Option<f64>,
+}
+
+/// Graph-replayed decode attention µs per step with the rows in `ctx`'s
+/// order (`None` when the pool is too small to lay them out).
+fn arrival_order_attention<T: Storage>(
+    engine: &mut Engine<T>,
+    gpu: &Gpu,
+    ctx: &[usize],
+    num_blocks: usize,
+) -> Result<Option<f64>, EngineError>
+where
+    CudaBlas: Gemm<T>,
+{
+    let Some((tok, pos, slots, tables, mbps, lens, last)) =
+        synthetic_decode(ctx, crate::engine::model::BLOCK_SIZE, num_blocks)
+    else {
+        return Ok(None);
+    };
+    let inp = crate::engine::model::StepInput {
+        tokens: &tok,
+        positions: &pos,
+        slots: &slots,
+        tables: &tables,
+        mbps,
+        lens: &lens,
+        last: &last,
+        seqs: None,
+    };
+    let ops = engine.model.profile_step_graph(gpu, &inp, 20)?;
+    Ok(ops
+        .iter()
+        .find(|(l, _)| *l == "paged_attention")
+        .map(|&(_, us)| us))
 }
 
 /// Host inputs of a synthetic decode step: sequence i has `ctx[i]` cached
@@ -277,6 +317,11 @@ where
     // The breakdown: a decode step at the full batch with the contexts of
     // the last full-batch step, on blocks of the (now empty) pool.
     let mut breakdown = None;
+    let mut arrival_attention_us = None;
+    // The engine runs decode rows longest first (`runner::longest_first`);
+    // the breakdown does too, and times attention in arrival order beside.
+    let arrival_ctx = full_ctx.clone();
+    full_ctx.sort_by(|a, b| b.cmp(a));
     if !full_ctx.is_empty() {
         let nb = engine.model.limits().num_blocks;
         if let Some((tok, pos, slots, tables, mbps, lens, last)) =
@@ -292,20 +337,32 @@ where
                 last: &last,
                 seqs: None,
             };
-            let ops = engine.model.profile_step(gpu, &inp, 20)?;
-            let kernels_us = ops.iter().map(|(_, us)| us).sum();
-            let graph_us = if ec.cuda_graphs {
+            let eager = engine.model.profile_step(gpu, &inp, 20)?;
+            let (graph_ops, graph_us) = if ec.cuda_graphs {
                 let b = full_ctx.len();
+                let ops = engine.model.profile_step_graph(gpu, &inp, 20)?;
+                arrival_attention_us = arrival_order_attention(&mut engine, gpu, &arrival_ctx, nb)?;
                 engine.model.step_decode_graph(gpu, &inp, b)?;
-                Some(engine.model.time_decode_graph(gpu, b, 50)?)
+                (Some(ops), Some(engine.model.time_decode_graph(gpu, b, 50)?))
             } else {
-                None
+                (None, None)
             };
+            let ops: Vec<(&'static str, Option<f64>, f64)> = eager
+                .iter()
+                .map(|&(label, us)| {
+                    let g = graph_ops
+                        .as_ref()
+                        .and_then(|g| g.iter().find(|(l, _)| *l == label).map(|&(_, v)| v));
+                    (label, g, us)
+                })
+                .collect();
+            let kernels_us = ops.iter().map(|&(_, g, e)| g.unwrap_or(e)).sum();
             breakdown = Some(Breakdown {
                 batch: full_ctx.len(),
                 ops,
                 kernels_us,
                 graph_us,
+                arrival_attention_us,
             });
         }
     }
@@ -329,6 +386,128 @@ where
         }),
         breakdown,
     })
+}
+
+/// Columns of `e2e-breakdown.csv`.
+const BREAKDOWN_HEADER: [&str; 6] = [
+    "model",
+    "batch",
+    "op",
+    "graph_us_per_step",
+    "eager_us_per_step",
+    "share",
+];
+
+/// The breakdown as a table (per op: graph-replay µs, its share, eager
+/// µs; then the sum, the unmarked graph and the floor against the floor),
+/// appended to the CSV at `path`. A file with another header is moved
+/// aside to `<name>.old.csv` first, so rows never mix schemas.
+pub fn breakdown_report(
+    bd: &Breakdown,
+    floor_us: f64,
+    model: &str,
+    path: &Path,
+) -> anyhow::Result<comfy_table::Table> {
+    use anyhow::Context;
+    use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let header = BREAKDOWN_HEADER.join(",");
+    let first_line = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.lines().next().map(str::to_string));
+    if let Some(line) = &first_line {
+        if line.trim() != header {
+            let old = path.with_extension("old.csv");
+            std::fs::rename(path, &old)
+                .with_context(|| format!("moving {} aside", path.display()))?;
+            eprintln!(
+                "note: {} had other columns; moved to {}",
+                path.display(),
+                old.display()
+            );
+        }
+    }
+    let fresh = std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut w = csv::Writer::from_writer(file);
+    if fresh {
+        w.write_record(BREAKDOWN_HEADER)?;
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "op (all layers)",
+        "µs per step (graph)",
+        "share",
+        "µs eager",
+    ]);
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let batch = bd.batch.to_string();
+    for &(op, g, e) in &bd.ops {
+        let share = g.unwrap_or(e) / bd.kernels_us;
+        t.add_row(vec![
+            op.to_string(),
+            fmt(g),
+            format!("{:.1}%", 100.0 * share),
+            format!("{e:.1}"),
+        ]);
+        w.write_record([
+            model,
+            &batch,
+            op,
+            &g.map(|x| format!("{x:.2}")).unwrap_or_default(),
+            &format!("{e:.2}"),
+            &format!("{share:.4}"),
+        ])?;
+    }
+    let eager_sum: f64 = bd.ops.iter().map(|o| o.2).sum();
+    let graph_sum = bd.ops.iter().map(|o| o.1).sum::<Option<f64>>();
+    t.add_row(vec![
+        "sum of ops".to_string(),
+        fmt(graph_sum),
+        format!("{:.2}x floor", bd.kernels_us / floor_us),
+        format!("{eager_sum:.1}"),
+    ]);
+    if let Some(us) = bd.arrival_attention_us {
+        // Not part of the step: the same attention with unsorted rows.
+        t.add_row(vec![
+            "(paged_attention, rows in arrival order)".to_string(),
+            format!("{us:.1}"),
+            String::new(),
+            String::new(),
+        ]);
+        w.write_record([
+            model,
+            &batch,
+            "paged_attention (rows in arrival order)",
+            &format!("{us:.2}"),
+            "",
+            "",
+        ])?;
+    }
+    for (label, us) in [
+        ("graph replay of the step (no events)", bd.graph_us),
+        ("roofline floor", Some(floor_us)),
+    ] {
+        if let Some(us) = us {
+            t.add_row(vec![
+                label.to_string(),
+                format!("{us:.1}"),
+                format!("{:.2}x floor", us / floor_us),
+                String::new(),
+            ]);
+            w.write_record([model, &batch, label, &format!("{us:.2}"), "", ""])?;
+        }
+    }
+    w.flush()?;
+    Ok(t)
 }
 
 /// Append `row` to `path` (header when the file is new or empty).

@@ -40,6 +40,10 @@ enum Cmd {
     Roofline(RooflineArgs),
     /// Run the whole engine on a fixed request set and report its throughput.
     E2e(E2eArgs),
+    /// Generate text from a checkpoint with its tokenizer, streaming to stdout.
+    Generate(GenerateArgs),
+    /// Greedy parity with HF transformers on a golden from benches/peers/hf_parity.py.
+    Parity(ParityArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,6 +92,67 @@ struct E2eArgs {
     /// Do not write the CSV row.
     #[arg(long)]
     no_csv: bool,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(clap::Args)]
+struct ParityArgs {
+    /// The checkpoint directory hf_parity.py saved (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Its golden.json (default: golden.json in the model directory).
+    #[arg(long)]
+    golden: Option<PathBuf>,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// CSV for the per-prompt results (default: reports/<gpu>/parity.csv).
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A checkpoint directory (config.json, *.safetensors, tokenizer.json) or a
+    /// hub id in the local HF cache; presets have no tokenizer.
+    #[arg(long)]
+    model: String,
+    /// The prompt (read from stdin when absent).
+    prompt: Option<String>,
+    /// System message for the chat template (default: the template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Encode the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Default: generation_config.json's if it sets do_sample, else 0 (greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Default: generation_config.json's if it sets do_sample, else 1 (off).
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Default: generation_config.json's if it sets do_sample, else 0 (off).
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating past EOS tokens, up to --max-tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    /// Prompt plus output tokens (capped at the model's max_position_embeddings).
+    #[arg(long, default_value_t = 4096)]
+    max_model_len: usize,
+    /// Launch every kernel eagerly (no CUDA graphs).
+    #[arg(long)]
+    eager: bool,
     #[arg(long, default_value_t = 0)]
     device: usize,
 }
@@ -197,6 +262,8 @@ fn run(cli: Cli) -> Result<ExitCode, Setup> {
         Cmd::Check(a) => check_cmd(a),
         Cmd::Roofline(a) => roofline_cmd(a),
         Cmd::E2e(a) => e2e_cmd(a),
+        Cmd::Generate(a) => generate_cmd(a),
+        Cmd::Parity(a) => parity_cmd(a),
     }
 }
 
@@ -596,72 +663,12 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             c.tflop_per_s
         );
         if let Some(bd) = &res.breakdown {
-            let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(vec!["op (all layers)", "µs per step", "share"]);
-            if let Some(dir) = csv_path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
             // Appended like e2e.csv, so runs of several models sit together.
             let bpath = csv_path.with_file_name("e2e-breakdown.csv");
-            let fresh = std::fs::metadata(&bpath)
-                .map(|m| m.len() == 0)
-                .unwrap_or(true);
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&bpath)
-                .with_context(|| format!("opening {}", bpath.display()))?;
-            let mut w = csv::Writer::from_writer(file);
-            if fresh {
-                w.write_record(["model", "dtype", "batch", "op", "us_per_step", "share"])?;
-            }
-            for (op, us) in &bd.ops {
-                let share = us / bd.kernels_us;
-                t.add_row(vec![
-                    op.to_string(),
-                    format!("{us:.1}"),
-                    format!("{:.1}%", 100.0 * share),
-                ]);
-                w.write_record([
-                    a.model.as_str(),
-                    &a.dtype.to_string(),
-                    &bd.batch.to_string(),
-                    op,
-                    &format!("{us:.2}"),
-                    &format!("{share:.4}"),
-                ])?;
-            }
-            let floor_us = floor.seconds * 1e6;
-            t.add_row(vec![
-                "sum of kernels".to_string(),
-                format!("{:.1}", bd.kernels_us),
-                format!("{:.2}x floor", bd.kernels_us / floor_us),
-            ]);
-            for (label, us) in [
-                ("graph replay of the step", bd.graph_us),
-                ("roofline floor", Some(floor_us)),
-            ] {
-                if let Some(us) = us {
-                    t.add_row(vec![
-                        label.to_string(),
-                        format!("{us:.1}"),
-                        format!("{:.2}x floor", us / floor_us),
-                    ]);
-                    w.write_record([
-                        a.model.as_str(),
-                        &a.dtype.to_string(),
-                        &bd.batch.to_string(),
-                        label,
-                        &format!("{us:.2}"),
-                        "",
-                    ])?;
-                }
-            }
-            w.flush()?;
+            let model = format!("{} {}", a.model, a.dtype);
+            let t = workbench::e2e::breakdown_report(bd, floor.seconds * 1e6, &model, &bpath)?;
             println!(
-                "decode step at batch {} by op (CUDA events, median of 20 eager steps):\n{t}",
+                "decode step at batch {} by op (CUDA events between ops, medians of 20 steps):\n{t}",
                 bd.batch
             );
         }
@@ -670,5 +677,178 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         workbench::e2e::append_csv(r, &csv_path)?;
         println!("appended to {}", csv_path.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parity_cmd(a: ParityArgs) -> Result<ExitCode, Setup> {
+    use workbench::engine::{config::Qwen2Config, weights::Checkpoint};
+    use workbench::parity;
+    let golden_path = a
+        .golden
+        .clone()
+        .unwrap_or_else(|| a.model.join("golden.json"));
+    let text = std::fs::read_to_string(&golden_path).with_context(|| {
+        format!(
+            "reading {} (make it with benches/peers/hf_parity.py)",
+            golden_path.display()
+        )
+    })?;
+    let golden = parity::Golden::from_json(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", golden_path.display()))?;
+    let cfg = Qwen2Config::from_file(&a.model.join("config.json"))?;
+    let ckpt = Checkpoint::open(&a.model, &cfg)?;
+    let gpu = Gpu::new(a.device)?;
+    println!("{}", Provenance::new(gpu.info()).line());
+    println!(
+        "golden: {} ({}, top {}), {} prompts; ours in {}{}",
+        golden.model,
+        golden.dtype,
+        golden.top_k,
+        golden.cases.len(),
+        a.dtype,
+        if ckpt.dtype() != a.dtype {
+            format!(" (converted from the checkpoint's {})", ckpt.dtype())
+        } else {
+            String::new()
+        }
+    );
+    let get = |name: &str| ckpt.tensor_f32(name).ok();
+    let ours = match a.dtype {
+        DType::BF16 => parity::generate_ours::<half::bf16>(&gpu, &cfg, &get, &golden)?,
+        DType::F16 => parity::generate_ours::<half::f16>(&gpu, &cfg, &get, &golden)?,
+        DType::F32 => parity::generate_ours::<f32>(&gpu, &cfg, &get, &golden)?,
+    };
+    let name = a.model.display().to_string();
+    let rows = parity::rows(&golden, &ours, &name, &a.dtype.to_string());
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "prompt",
+        "tokens",
+        "same before divergence",
+        "ours in HF top-k",
+        "HF's in our top-k",
+        "max |Δ logprob| (matched)",
+        "result",
+    ]);
+    let rank = |r: Option<usize>, diverged: bool| match (r, diverged) {
+        (_, false) => "-".to_string(),
+        (Some(i), true) => format!("#{}", i + 1),
+        (None, true) => "no".to_string(),
+    };
+    for r in &rows {
+        let diverged = r.matched < r.steps;
+        t.add_row(vec![
+            r.prompt_len.to_string(),
+            r.steps.to_string(),
+            format!("{}/{}", r.matched, r.steps),
+            rank(r.ours_in_hf, diverged),
+            rank(r.hf_in_ours, diverged),
+            format!("{:.4}", r.max_logprob_diff),
+            if r.pass { "pass" } else { "FAIL" }.to_string(),
+        ]);
+    }
+    println!("{t}");
+    let csv_path = a.csv.clone().unwrap_or_else(|| {
+        PathBuf::from("reports")
+            .join(gpu_dir(&gpu.info().name))
+            .join("parity.csv")
+    });
+    if let Some(dir) = csv_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut w = csv::Writer::from_path(&csv_path)
+        .with_context(|| format!("writing {}", csv_path.display()))?;
+    for r in &rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    println!(
+        "{} of {} prompts pass vLLM's rule (at the first divergence each token in the other's \
+         top {}); wrote {}",
+        rows.len() - failed,
+        rows.len(),
+        golden.top_k,
+        csv_path.display()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `generate`: everything the user gave is checked before the GPU is touched;
+/// the logic lives in `workbench::generate`.
+fn generate_cmd(a: GenerateArgs) -> Result<ExitCode, Setup> {
+    use std::io::{IsTerminal, Write};
+    use workbench::engine::weights::Checkpoint;
+    use workbench::engine::{config::Qwen2Config, hub, model::WeightSource, scheduler::Request};
+    use workbench::generate::{self as g, GenerateError, PromptMode};
+    let source = hub::resolve_model(&a.model)?;
+    let dir = source.dir().ok_or_else(|| GenerateError::Preset {
+        name: a.model.clone(),
+    })?;
+    let tok = g::ChatTokenizer::from_dir(dir)?;
+    let cfg = Qwen2Config::from_file(&dir.join("config.json"))?;
+    if a.raw && a.system.is_some() {
+        return Err(GenerateError::SystemWithRaw.into());
+    }
+    if a.prompt.is_none() && std::io::stdin().is_terminal() {
+        eprintln!("reading the prompt from stdin (end it with Ctrl-D)");
+    }
+    let text = g::read_prompt(a.prompt, &mut std::io::stdin().lock())?;
+    let mode = if a.raw {
+        PromptMode::Raw
+    } else {
+        PromptMode::Chat { system: a.system }
+    };
+    let sampling = g::SamplingArgs {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        max_tokens: a.max_tokens,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+    };
+    let req = Request {
+        id: 0,
+        prompt: tok.prompt_ids(&text, &mode)?,
+        params: g::sampling_params(&sampling, &tok.generation)?,
+        eos: tok.eos_ids_with(&cfg.eos_token_ids),
+    };
+    let ec = g::engine_config(&cfg, a.max_model_len, a.gpu_memory_utilization, !a.eager)?;
+    g::validate_request(&cfg, &ec, &req)?;
+    let ckpt = Checkpoint::open(dir, &cfg)?;
+    for note in tok.notes() {
+        eprintln!("note: {note}");
+    }
+    let gpu = Gpu::new(a.device)?;
+    eprintln!("{}", Provenance::new(gpu.info()).line());
+    let get = |name: &str| ckpt.tensor_f32(name).ok();
+    let src = WeightSource::Tensors(&get);
+    let mut out = std::io::stdout().lock();
+    let mut ends_in_newline = true;
+    let on_text = |piece: &str| {
+        ends_in_newline = piece.ends_with('\n');
+        out.write_all(piece.as_bytes())?;
+        out.flush()
+    };
+    let res = match a.dtype {
+        DType::BF16 => g::run_generate::<half::bf16>(&gpu, &cfg, src, ec, &tok, req, on_text),
+        DType::F16 => g::run_generate::<half::f16>(&gpu, &cfg, src, ec, &tok, req, on_text),
+        DType::F32 => g::run_generate::<f32>(&gpu, &cfg, src, ec, &tok, req, on_text),
+    };
+    let stats = match res {
+        // The reader went away (`| head`): nothing more to say to it.
+        Err(GenerateError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Ok(ExitCode::SUCCESS)
+        }
+        r => r?,
+    };
+    if !ends_in_newline && std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    eprintln!("{}", stats.line());
     Ok(ExitCode::SUCCESS)
 }

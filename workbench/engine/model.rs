@@ -497,7 +497,7 @@ where
             (Some(sq), true) => Some(self.upload_seqs(gpu, sq, t, inp.mbps)?),
             _ => None,
         };
-        self.launch_forward_marked(gpu, t, n, inp.mbps, seqs, None)?;
+        self.launch_forward_marked(gpu, t, n, inp.mbps, seqs, None, false)?;
         self.last_rows = n;
         Ok(())
     }
@@ -678,38 +678,54 @@ where
         let (t, n) = (inp.tokens.len(), inp.last.len());
         self.launch_forward(gpu, t, n, inp.mbps)?; // warm-up
         gpu.synchronize()?;
-        let mut per: Vec<(&'static str, Vec<f64>)> = Vec::new();
+        let mut per = OpTimes::default();
         for _ in 0..reps.max(1) {
             let mut marks = Vec::new();
-            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks))?;
+            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks), false)?;
             gpu.synchronize()?;
-            let mut sums: Vec<(&'static str, f64)> = Vec::new();
-            for w in marks.windows(2) {
-                let us = w[0]
-                    .1
-                    .elapsed_ms(&w[1].1)
-                    .map_err(KernelError::driver("cuEventElapsedTime"))?
-                    as f64
-                    * 1e3;
-                match sums.iter_mut().find(|(l, _)| *l == w[0].0) {
-                    Some((_, v)) => *v += us,
-                    None => sums.push((w[0].0, us)),
-                }
-            }
-            for (label, us) in sums {
-                match per.iter_mut().find(|(l, _)| *l == label) {
-                    Some((_, v)) => v.push(us),
-                    None => per.push((label, vec![us])),
-                }
-            }
+            per.add(&marks)?;
         }
-        Ok(per
-            .into_iter()
-            .map(|(l, mut v)| {
-                v.sort_by(f64::total_cmp);
-                (l, v[v.len() / 2])
-            })
-            .collect())
+        Ok(per.medians())
+    }
+
+    /// [`GpuModel::profile_step`] as the engine's decode runs: the marked
+    /// step is captured as one CUDA graph (each mark an event-record node)
+    /// and replayed `reps` times, so the times carry no host launch gaps.
+    pub fn profile_step_graph(
+        &mut self,
+        gpu: &Gpu,
+        inp: &StepInput<'_>,
+        reps: usize,
+    ) -> Result<Vec<(&'static str, f64)>, ModelError> {
+        self.upload(gpu, inp)?;
+        let (t, n) = (inp.tokens.len(), inp.last.len());
+        self.launch_forward(gpu, t, n, inp.mbps)?; // warm-up: modules, scratch
+        gpu.synchronize()?;
+        let s = gpu.stream().clone();
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(KernelError::driver("cuStreamBeginCapture"))?;
+        let mut marks = Vec::new();
+        let captured =
+            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks), true);
+        let graph = s
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(KernelError::driver("cuStreamEndCapture"))?;
+        captured?;
+        let graph = graph
+            .ok_or_else(|| ModelError::Inputs("profile graph capture produced no graph".into()))?;
+        graph
+            .launch()
+            .map_err(KernelError::driver("cuGraphLaunch"))?; // warm-up replay
+        gpu.synchronize()?;
+        let mut per = OpTimes::default();
+        for _ in 0..reps.max(1) {
+            graph
+                .launch()
+                .map_err(KernelError::driver("cuGraphLaunch"))?;
+            gpu.synchronize()?;
+            per.add(&marks)?;
+        }
+        Ok(per.medians())
     }
 
     /// Median µs of `reps` replays of the decode graph for `bucket` (as
@@ -759,11 +775,12 @@ where
         n: usize,
         mbps: usize,
     ) -> Result<(), ModelError> {
-        self.launch_forward_marked(gpu, t, n, mbps, None, None)
+        self.launch_forward_marked(gpu, t, n, mbps, None, None, false)
     }
 
     /// [`GpuModel::launch_forward`], recording a timing event before each
     /// op into `marks` (label, event) when given, and one `end` mark.
+    #[allow(clippy::too_many_arguments)]
     fn launch_forward_marked(
         &mut self,
         gpu: &Gpu,
@@ -772,12 +789,30 @@ where
         mbps: usize,
         seqs: Option<(usize, usize)>,
         mut marks: Option<&mut Vec<(&'static str, CudaEvent)>>,
+        in_graph: bool,
     ) -> Result<(), ModelError> {
         let mut mark = |label: &'static str| -> Result<(), ModelError> {
             if let Some(m) = marks.as_mut() {
                 let e = gpu.timing_event()?;
-                e.record(gpu.stream())
-                    .map_err(KernelError::driver("cuEventRecord"))?;
+                if in_graph {
+                    // Under capture a plain record only orders the capture;
+                    // EXTERNAL makes it an event-record node that records
+                    // at every replay.
+                    // SAFETY: both handles are live; the stream is capturing.
+                    unsafe {
+                        cudarc::driver::sys::cuEventRecordWithFlags(
+                            e.cu_event(),
+                            gpu.stream().cu_stream(),
+                            cudarc::driver::sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL
+                                as u32,
+                        )
+                    }
+                    .result()
+                    .map_err(KernelError::driver("cuEventRecordWithFlags(EXTERNAL)"))?;
+                } else {
+                    e.record(gpu.stream())
+                        .map_err(KernelError::driver("cuEventRecord"))?;
+                }
                 m.push((label, e));
             }
             Ok(())
@@ -1161,6 +1196,46 @@ where
         }
         out.truncate(n);
         Ok(out)
+    }
+}
+
+/// Per-op GPU time of repeated marked steps: each mark's label gets the
+/// time to the next mark, summed over the step (an op runs once per layer).
+#[derive(Default)]
+struct OpTimes(Vec<(&'static str, Vec<f64>)>);
+
+impl OpTimes {
+    fn add(&mut self, marks: &[(&'static str, CudaEvent)]) -> Result<(), ModelError> {
+        let mut sums: Vec<(&'static str, f64)> = Vec::new();
+        for w in marks.windows(2) {
+            let us = w[0]
+                .1
+                .elapsed_ms(&w[1].1)
+                .map_err(KernelError::driver("cuEventElapsedTime"))? as f64
+                * 1e3;
+            match sums.iter_mut().find(|(l, _)| *l == w[0].0) {
+                Some((_, v)) => *v += us,
+                None => sums.push((w[0].0, us)),
+            }
+        }
+        for (label, us) in sums {
+            match self.0.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, v)) => v.push(us),
+                None => self.0.push((label, vec![us])),
+            }
+        }
+        Ok(())
+    }
+
+    /// The median per op, in the order ops first ran.
+    fn medians(self) -> Vec<(&'static str, f64)> {
+        self.0
+            .into_iter()
+            .map(|(l, mut v)| {
+                v.sort_by(f64::total_cmp);
+                (l, v[v.len() / 2])
+            })
+            .collect()
     }
 }
 

@@ -228,10 +228,29 @@ where
         self.sched.is_finished()
     }
 
+    /// Stops a waiting or running sequence between steps: its blocks go back
+    /// to the pool and its sampling state is dropped. Returns it with status
+    /// `Finished(Aborted)`.
+    pub fn abort(&mut self, id: SeqId) -> Result<Sequence, EngineError> {
+        let seq = self.sched.abort(id)?;
+        self.seeds.remove(&id);
+        self.cpu_rngs.remove(&id);
+        self.first_token.remove(&id);
+        Ok(seq)
+    }
+
     /// One scheduler step on the GPU. `None` when there was nothing to run.
     pub fn step(&mut self, gpu: &Gpu) -> Result<Option<StepStats>, EngineError> {
         let t0 = Instant::now();
-        let batch = self.sched.schedule()?;
+        let mut batch = self.sched.schedule()?;
+        if batch.kind == BatchKind::Decode {
+            // Longest context first: decode attention gives each (sequence,
+            // KV head) one CTA in row order, so the longest start first and
+            // the short ones fill the tail instead of the reverse. Rows are
+            // independent, and postprocess pairs tokens with items in
+            // whatever order they come.
+            longest_first(&mut batch.items);
+        }
         if batch.is_empty() {
             self.sched.postprocess(&batch, &[])?;
             return Ok(None);
@@ -376,6 +395,12 @@ where
     }
 }
 
+/// Sorts decode items by context length, longest first (stable, so equal
+/// lengths keep the scheduler's order).
+pub fn longest_first(items: &mut [super::scheduler::BatchItem]) {
+    items.sort_by_key(|i| std::cmp::Reverse(i.end));
+}
+
 /// splitmix64: the per-row seeds of the GPU sampler.
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -422,6 +447,23 @@ mod tests {
             let k = b.iter().find(|&&x| x >= n).unwrap();
             assert!(*k - n < 16, "{n} -> {k}");
         }
+    }
+
+    #[test]
+    fn decode_rows_go_longest_first_and_ties_keep_their_order() {
+        use super::super::scheduler::BatchItem;
+        let item = |seq: u64, end: usize| BatchItem {
+            seq: SeqId(seq),
+            start: end - 1,
+            end,
+            tokens: vec![1],
+            slots: vec![0],
+            block_table: vec![0],
+        };
+        let mut v = vec![item(0, 5), item(1, 900), item(2, 5), item(3, 40)];
+        longest_first(&mut v);
+        let order: Vec<u64> = v.iter().map(|i| i.seq.0).collect();
+        assert_eq!(order, vec![1, 3, 0, 2]);
     }
 
     #[test]
