@@ -56,6 +56,7 @@ fn config(num_blocks: usize) -> EngineConfig {
         num_blocks: Some(num_blocks),
         cuda_graphs: true,
         decode_split_tokens: 0,
+        gemm: Default::default(),
     }
 }
 

@@ -53,6 +53,8 @@ pub struct E2eResult {
     pub full_decode: Option<(usize, f64, Vec<usize>)>,
     /// One decode step at that batch and those contexts, op by op.
     pub breakdown: Option<Breakdown>,
+    /// What cuBLASLt tuning chose per GEMM shape (with `--gemm lt-tuned`).
+    pub gemm_plans: Vec<kernels::linear_lt::PlanInfo>,
 }
 
 /// GPU time of one decode step by op, µs per step: medians of 20 replays
@@ -385,7 +387,46 @@ where
             )
         }),
         breakdown,
+        gemm_plans: engine.model.gemm_plans(),
     })
+}
+
+/// The tuned GEMM plans of one token count (a decode batch) as a table:
+/// shape, candidates timed, the pick and its µs against the heuristic's
+/// first (inputs hot in L2: a ranking, not a step time).
+pub fn gemm_plans_table(
+    plans: &[kernels::linear_lt::PlanInfo],
+    tokens: usize,
+) -> Option<comfy_table::Table> {
+    use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+    let rows: Vec<_> = plans.iter().filter(|p| p.n == tokens && p.tuned).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "GEMM (tokens x in -> out)",
+        "candidates timed",
+        "pick",
+        "split-K",
+        "µs pick",
+        "µs heuristic #1",
+    ]);
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    for p in rows {
+        t.add_row(vec![
+            format!("{} x {} -> {}", p.n, p.k, p.m),
+            format!("{}/{}", p.tried, p.candidates),
+            format!("#{}", p.chosen + 1),
+            p.config
+                .split_k
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into()),
+            f(p.best_us),
+            f(p.heuristic_first_us),
+        ]);
+    }
+    Some(t)
 }
 
 /// Columns of `e2e-breakdown.csv`.

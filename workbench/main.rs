@@ -89,6 +89,10 @@ struct E2eArgs {
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
+    /// GEMM path of the linear layers: lt-tuned (cuBLASLt, the fastest of
+    /// its candidates timed once per decode shape) or cublas (cublasGemmEx).
+    #[arg(long, default_value = "lt-tuned")]
+    gemm: workbench::engine::model::GemmBackend,
     /// Do not write the CSV row.
     #[arg(long)]
     no_csv: bool,
@@ -582,6 +586,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         num_blocks: a.num_blocks,
         cuda_graphs: !a.eager,
         decode_split_tokens: a.decode_split_tokens,
+        gemm: a.gemm,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
     let src = match &ckpt {
@@ -662,6 +667,12 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             floor.flops / 1e12,
             c.tflop_per_s
         );
+        if let Some(t) = workbench::e2e::gemm_plans_table(&res.gemm_plans, ctx.len()) {
+            println!(
+                "cuBLASLt GEMM picks at batch {} (timed once, inputs hot in L2):\n{t}",
+                ctx.len()
+            );
+        }
         if let Some(bd) = &res.breakdown {
             // Appended like e2e.csv, so runs of several models sit together.
             let bpath = csv_path.with_file_name("e2e-breakdown.csv");

@@ -46,7 +46,8 @@ pub struct Golden {
 
 impl Golden {
     /// Parses and checks the file's shape: the schema, k ≥ 1, every step
-    /// with k entries and its token first among them (greedy).
+    /// with k entries and its token first among them (greedy; tied bf16
+    /// logits let HF pick any of the tied best, which it lists first).
     pub fn from_json(text: &str) -> Result<Self, String> {
         let g: Golden = serde_json::from_str(text).map_err(|e| format!("not a golden: {e}"))?;
         if g.schema_version != 1 {

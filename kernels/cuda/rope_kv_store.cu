@@ -41,8 +41,31 @@ __device__ __forceinline__ void rotate_chunk(Vec16<T>& a, Vec16<T>& b, const flo
     }
 }
 
+// Adds a bias vector to a 16-byte vector, in f32, rounded once to T (as
+// split_qkv_bias does); no-op without a bias.
 template <typename T>
-__device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+__device__ __forceinline__ Vec16<T> add_bias16(Vec16<T> x, const T* b) {
+    if (b == nullptr) return x;
+    const Vec16<T> y = load16(b);
+#pragma unroll
+    for (int j = 0; j < Vec16<T>::N; ++j) x.v[j] = from_f32<T>(to_f32(x.v[j]) + to_f32(y.v[j]));
+    return x;
+}
+
+template <typename T>
+__device__ __forceinline__ float biased(const T* x, const T* b, int i) {
+    return b == nullptr ? to_f32(x[i]) : to_f32(from_f32<T>(to_f32(x[i]) + to_f32(b[i])));
+}
+
+// Sources are rows `src_row` elements apart: q at q_src, k at k_src, v at
+// v_src (separate buffers, src_row unused per buffer; or one fused q|k|v row
+// of the engine's projection). Optional biases (nullptr: none) for q, k, v
+// are added before the rotation. Rotated q goes to q_dst [tokens, q_heads,
+// head_dim] (which may be q_src itself when q_row == q_heads * head_dim).
+template <typename T>
+__device__ void rope_kv_store_impl(T* q_dst, const T* q_src, i64 q_row,
+                                   const T* __restrict__ k, const T* __restrict__ v, i64 kv_src_row,
+                                   const T* q_bias, const T* k_bias, const T* v_bias,
                                    T* __restrict__ k_cache, T* __restrict__ v_cache,
                                    const int* __restrict__ positions, const float* __restrict__ cos_sin,
                                    const i64* __restrict__ slot_mapping, int max_positions, i64 num_slots,
@@ -53,8 +76,10 @@ __device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, c
     const int kv_row = kv_heads * head_dim;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool vec = half % N == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
-                     aligned16(k_cache) && aligned16(v_cache) && aligned16(cos_sin);
+    const bool biases_ok = (q_bias == nullptr || (aligned16(q_bias) && aligned16(k_bias) && aligned16(v_bias)));
+    const bool vec = half % N == 0 && aligned16(q_dst) && aligned16(q_src) && aligned16(k) && aligned16(v) &&
+                     q_row % N == 0 && kv_src_row % N == 0 && biases_ok && aligned16(k_cache) &&
+                     aligned16(v_cache) && aligned16(cos_sin);
     if (vec) {
         const int chunks = half / N;
         const i64 total = (i64)tokens * heads * chunks;
@@ -68,21 +93,26 @@ __device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, c
             const float* cs = cos_sin + (i64)(valid ? pos : 0) * head_dim;
             const int i = c * N;
             if (h < q_heads) {
-                T* x = q + ((i64)t * q_heads + h) * head_dim;
-                Vec16<T> a = load16(x + i), b = load16(x + half + i);
-                rotate_chunk(a, b, cs, i, half, valid);
-                store16(x + i, a);
-                store16(x + half + i, b);
+                const T* x = q_src + (i64)t * q_row + h * head_dim;
+                const T* b = q_bias == nullptr ? nullptr : q_bias + h * head_dim;
+                Vec16<T> a = add_bias16(load16(x + i), b == nullptr ? nullptr : b + i);
+                Vec16<T> bb = add_bias16(load16(x + half + i), b == nullptr ? nullptr : b + half + i);
+                rotate_chunk(a, bb, cs, i, half, valid);
+                T* y = q_dst + ((i64)t * q_heads + h) * head_dim;
+                store16(y + i, a);
+                store16(y + half + i, bb);
             } else {
                 const i64 slot = slot_mapping[t];
                 if (slot < 0 || slot >= num_slots) continue;
                 const int kh = h - q_heads;
-                const T* x = k + (i64)t * kv_row + kh * head_dim;
-                Vec16<T> a = load16(x + i), b = load16(x + half + i);
-                rotate_chunk(a, b, cs, i, half, valid);
+                const T* x = k + (i64)t * kv_src_row + kh * head_dim;
+                const T* b = k_bias == nullptr ? nullptr : k_bias + kh * head_dim;
+                Vec16<T> a = add_bias16(load16(x + i), b == nullptr ? nullptr : b + i);
+                Vec16<T> bb = add_bias16(load16(x + half + i), b == nullptr ? nullptr : b + half + i);
+                rotate_chunk(a, bb, cs, i, half, valid);
                 T* dst = k_cache + slot * kv_row + kh * head_dim;
                 store16(dst + i, a);
-                store16(dst + half + i, b);
+                store16(dst + half + i, bb);
             }
         }
         const int vrow = kv_row / N;
@@ -92,7 +122,8 @@ __device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, c
             const int j = (int)(w - t * vrow) * N;
             const i64 slot = slot_mapping[t];
             if (slot < 0 || slot >= num_slots) continue;
-            store16(v_cache + slot * kv_row + j, load16(v + t * kv_row + j));
+            store16(v_cache + slot * kv_row + j,
+                    add_bias16(load16(v + t * kv_src_row + j), v_bias == nullptr ? nullptr : v_bias + j));
         }
     } else {
         const i64 total = (i64)tokens * heads * half;
@@ -106,17 +137,20 @@ __device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, c
             const float* cs = cos_sin + (i64)(valid ? pos : 0) * head_dim;
             const float c = cs[i], s = cs[half + i];
             const T* src;
+            const T* b;
             T* dst;
             if (h < q_heads) {
-                dst = q + ((i64)t * q_heads + h) * head_dim;
-                src = dst;
+                src = q_src + (i64)t * q_row + h * head_dim;
+                b = q_bias == nullptr ? nullptr : q_bias + h * head_dim;
+                dst = q_dst + ((i64)t * q_heads + h) * head_dim;
             } else {
                 const i64 slot = slot_mapping[t];
                 if (slot < 0 || slot >= num_slots) continue;
-                src = k + (i64)t * kv_row + (h - q_heads) * head_dim;
+                src = k + (i64)t * kv_src_row + (h - q_heads) * head_dim;
+                b = k_bias == nullptr ? nullptr : k_bias + (h - q_heads) * head_dim;
                 dst = k_cache + slot * kv_row + (h - q_heads) * head_dim;
             }
-            const float x1 = to_f32(src[i]), x2 = to_f32(src[i + half]);
+            const float x1 = biased(src, b, i), x2 = biased(src, b, i + half);
             dst[i] = from_f32<T>(valid ? x1 * c - x2 * s : WB_NAN);
             dst[i + half] = from_f32<T>(valid ? x2 * c + x1 * s : WB_NAN);
         }
@@ -126,7 +160,8 @@ __device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, c
             const int j = (int)(w - t * kv_row);
             const i64 slot = slot_mapping[t];
             if (slot < 0 || slot >= num_slots) continue;
-            v_cache[slot * kv_row + j] = v[w];
+            const T* x = v + t * kv_src_row;
+            v_cache[slot * kv_row + j] = v_bias == nullptr ? x[j] : from_f32<T>(biased(x, v_bias, j));
         }
     }
 }
@@ -136,7 +171,27 @@ __device__ void rope_kv_store_impl(T* __restrict__ q, const T* __restrict__ k, c
         T* q, const T* k, const T* v, T* k_cache, T* v_cache, const int* positions,              \
         const float* cos_sin, const i64* slot_mapping, int max_positions, i64 num_slots,         \
         int tokens, int q_heads, int kv_heads, int head_dim) {                                   \
-        rope_kv_store_impl<T>(q, k, v, k_cache, v_cache, positions, cos_sin, slot_mapping,       \
-                              max_positions, num_slots, tokens, q_heads, kv_heads, head_dim);    \
+        rope_kv_store_impl<T>(q, q, (i64)q_heads * head_dim, k, v, (i64)kv_heads * head_dim,     \
+                              nullptr, nullptr, nullptr, k_cache, v_cache, positions, cos_sin,   \
+                              slot_mapping, max_positions, num_slots, tokens, q_heads, kv_heads, \
+                              head_dim);                                                         \
     }
 WB_FOR_EACH_DTYPE(WB_ROPE_KV_STORE)
+
+// qkv_rope_kv_store_*: the engine's decode/prefill path straight from its
+// fused projection qkv [tokens, qd + 2kd] and bias [qd + 2kd]: q + bias
+// rotated into q_out [tokens, qd], k + bias rotated into k_cache, v + bias
+// into v_cache. Bit-identical to split_qkv_bias then rope_kv_store (same
+// roundings), one launch and one pass instead of two.
+#define WB_QKV_ROPE_KV_STORE(T, S)                                                               \
+    extern "C" __global__ void qkv_rope_kv_store_##S(                                            \
+        T* q_out, const T* qkv, const T* bias, T* k_cache, T* v_cache, const int* positions,     \
+        const float* cos_sin, const i64* slot_mapping, int max_positions, i64 num_slots,         \
+        int tokens, int q_heads, int kv_heads, int head_dim) {                                   \
+        const int qd = q_heads * head_dim, kd = kv_heads * head_dim;                             \
+        const i64 row = (i64)qd + 2 * kd;                                                        \
+        rope_kv_store_impl<T>(q_out, qkv, row, qkv + qd, qkv + qd + kd, row, bias, bias + qd,    \
+                              bias + qd + kd, k_cache, v_cache, positions, cos_sin, slot_mapping, \
+                              max_positions, num_slots, tokens, q_heads, kv_heads, head_dim);    \
+    }
+WB_FOR_EACH_DTYPE(WB_QKV_ROPE_KV_STORE)

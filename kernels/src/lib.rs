@@ -17,6 +17,7 @@ pub mod error;
 pub mod kv_store;
 mod launch;
 pub mod linear;
+pub mod linear_lt;
 pub mod paged_attention;
 pub mod prefill_attention;
 pub mod rmsnorm;

@@ -17,6 +17,58 @@ use cudarc::driver::{CudaView, CudaViewMut};
 
 const OP: &str = "linear";
 
+/// The GEMM dimensions of a checked linear call: m = out, n = tokens,
+/// k = in, ldc = ldy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LinearDims {
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub ldc: i32,
+}
+
+/// The argument checks of [`linear`] (shared with `linear_lt`), on lengths
+/// only, before any GPU work: `Ok(None)` when there is nothing to compute
+/// (tokens = 0).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_linear_args(
+    op: &'static str,
+    y_len: usize,
+    ldy: usize,
+    x_len: usize,
+    w_len: usize,
+    tokens: usize,
+    in_features: usize,
+    out_features: usize,
+) -> Result<Option<LinearDims>> {
+    let (m, k) = (
+        dim_i32(op, "out", out_features)?,
+        dim_i32(op, "in", in_features)?,
+    );
+    if tokens == 0 {
+        return Ok(None);
+    }
+    let n = dim_i32(op, "tokens", tokens)?;
+    // Saturating: an overflowing product can never match a real length.
+    let x_need = tokens.saturating_mul(in_features);
+    let w_need = out_features.saturating_mul(in_features);
+    crate::error::check_len(op, "x [tokens, in]", x_len, x_need)?;
+    crate::error::check_len(op, "w [out, in]", w_len, w_need)?;
+    let y_need = (tokens - 1)
+        .saturating_mul(ldy)
+        .saturating_add(out_features);
+    if ldy < out_features || y_len < y_need {
+        return Err(KernelError::shape(
+            op,
+            "y",
+            format!("{tokens} rows of {out_features} at stride {ldy}"),
+            y_len,
+        ));
+    }
+    let ldc = dim_i32(op, "ldy", ldy)?;
+    Ok(Some(LinearDims { m, n, k, ldc }))
+}
+
 /// y[t, 0..out] (rows `ldy` apart) = x [tokens, in] · w^T, w [out, in].
 #[allow(clippy::too_many_arguments)]
 pub fn linear<T: Storage>(
@@ -32,24 +84,20 @@ pub fn linear<T: Storage>(
 where
     CudaBlas: Gemm<T>,
 {
-    let (m, k) = (
-        dim_i32(OP, "out", out_features)?,
-        dim_i32(OP, "in", in_features)?,
-    );
-    if tokens == 0 {
+    let Some(d) = check_linear_args(
+        OP,
+        y.len(),
+        ldy,
+        x.len(),
+        w.len(),
+        tokens,
+        in_features,
+        out_features,
+    )?
+    else {
         return Ok(());
-    }
-    let n = dim_i32(OP, "tokens", tokens)?;
-    crate::error::check_len(OP, "x [tokens, in]", x.len(), tokens * in_features)?;
-    crate::error::check_len(OP, "w [out, in]", w.len(), out_features * in_features)?;
-    if ldy < out_features || y.len() < (tokens - 1) * ldy + out_features {
-        return Err(KernelError::shape(
-            OP,
-            "y",
-            format!("{tokens} rows of {out_features} at stride {ldy}"),
-            y.len(),
-        ));
-    }
+    };
+    let (m, n, k) = (d.m, d.n, d.k);
     let cfg = GemmConfig {
         transa: cublasOperation_t::CUBLAS_OP_T,
         transb: cublasOperation_t::CUBLAS_OP_N,
@@ -60,7 +108,7 @@ where
         lda: k,
         ldb: k,
         beta: T::from_f64(0.0),
-        ldc: dim_i32(OP, "ldy", ldy)?,
+        ldc: d.ldc,
     };
     let blas = gpu.blas()?;
     // SAFETY: A = w (out*in elements, transposed: m = out, k = in, lda = in),

@@ -26,12 +26,13 @@
 use super::config::Qwen2Config;
 use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
+use kernels::linear_lt::LtLinear;
 use kernels::paged_attention::PagedAttentionDims;
 use kernels::prefill_attention::PrefillAttentionDims;
 use kernels::rmsnorm::RmsNormDims;
 use kernels::rope::RopeTable;
-use kernels::rope_kv_store::{RopeKvStoreArgs, RopeKvStoreDims};
+use kernels::rope_kv_store::{QkvRopeKvStoreArgs, RopeKvStoreDims};
 use kernels::{Gpu, KernelError, Storage};
 use std::collections::HashMap;
 use thiserror::Error;
@@ -150,8 +151,6 @@ struct Workspace<T> {
     hn: CudaSlice<T>,           // [T, h]
     qkv: CudaSlice<T>,          // [T, q_heads * d + 2 * kv_heads * d]: fused GEMM output
     q: CudaSlice<T>,            // [T, q_heads * d]
-    k: CudaSlice<T>,            // [T, kv_heads * d]
-    v: CudaSlice<T>,            // [T, kv_heads * d]
     attn: CudaSlice<T>,         // [T, q_heads * d]
     proj: CudaSlice<T>,         // [T, h]: o_proj, then down_proj output
     gu: CudaSlice<T>,           // [T, 2I]
@@ -197,6 +196,55 @@ pub struct GpuModel<T> {
     /// on the e2e workload the merge a cap adds cost more than the balance
     /// gained (CHALLENGES #12), so it stays off unless asked for.
     pub decode_split_tokens: usize,
+    /// The linear layers' GEMM path (see [`GemmBackend`]); set with
+    /// [`GpuModel::set_gemm`]. Declared after `graphs`, so it is dropped
+    /// after the graphs that captured its workspace.
+    lt: Option<LtLinear>,
+}
+
+/// How the linear layers run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmBackend {
+    /// cublasGemmEx with cuBLAS's own choice of algorithm.
+    #[default]
+    Cublas,
+    /// cuBLASLt with, per shape of up to 512 tokens (decode batches), the
+    /// fastest of up to 16 heuristic candidates timed once
+    /// (`kernels::linear_lt`); larger shapes take the heuristic's first.
+    LtTuned,
+}
+
+impl std::str::FromStr for GemmBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cublas" => Ok(Self::Cublas),
+            "lt-tuned" => Ok(Self::LtTuned),
+            _ => Err(format!("unknown GEMM backend `{s}` (cublas, lt-tuned)")),
+        }
+    }
+}
+
+/// One linear layer through the model's GEMM path.
+#[allow(clippy::too_many_arguments)]
+fn lin<T: Storage>(
+    lt: &mut Option<LtLinear>,
+    gpu: &Gpu,
+    y: &mut CudaViewMut<T>,
+    ldy: usize,
+    x: &CudaView<T>,
+    w: &CudaView<T>,
+    tokens: usize,
+    in_features: usize,
+    out_features: usize,
+) -> Result<(), KernelError>
+where
+    CudaBlas: Gemm<T>,
+{
+    match lt {
+        Some(l) => l.linear(gpu, y, ldy, x, w, tokens, in_features, out_features),
+        None => kernels::linear::linear(gpu, y, ldy, x, w, tokens, in_features, out_features),
+    }
 }
 
 fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, v: &[T]) -> Result<CudaSlice<T>, ModelError> {
@@ -368,8 +416,6 @@ where
             hn: zeros(gpu, t * h)?,
             qkv: zeros(gpu, t * (qd + 2 * kd))?,
             q: zeros(gpu, t * qd)?,
-            k: zeros(gpu, t * kd)?,
-            v: zeros(gpu, t * kd)?,
             attn: zeros(gpu, t * qd)?,
             proj: zeros(gpu, t * h)?,
             gu: zeros(gpu, t * 2 * i)?,
@@ -399,6 +445,7 @@ where
             limits,
             last_rows: 0,
             graphs: HashMap::new(),
+            lt: None,
             decode_split_tokens: 0,
             prefill_kernel: T::DTYPE != kernels::DType::F32
                 && kernels::prefill_attention::HEAD_DIMS
@@ -765,6 +812,22 @@ where
         self.graphs.len()
     }
 
+    /// Switch the GEMM path; drops the captured graphs, which hold the old
+    /// path's kernels and workspace.
+    pub fn set_gemm(&mut self, gpu: &Gpu, backend: GemmBackend) -> Result<(), ModelError> {
+        self.graphs.clear();
+        self.lt = match backend {
+            GemmBackend::Cublas => None,
+            GemmBackend::LtTuned => Some(LtLinear::new(gpu)?),
+        };
+        Ok(())
+    }
+
+    /// What cuBLASLt tuning chose per GEMM shape (empty on cublasGemmEx).
+    pub fn gemm_plans(&self) -> Vec<kernels::linear_lt::PlanInfo> {
+        self.lt.as_ref().map(|l| l.plans()).unwrap_or_default()
+    }
+
     /// Every launch of one forward over the workspace's first t tokens
     /// (inputs already in `ws`): no host work but launches, no allocation,
     /// so a CUDA graph can capture it.
@@ -831,6 +894,7 @@ where
             embed,
             lm_head,
             final_norm,
+            lt,
             ..
         } = self;
         // residual = embed[ids]: [t, h]
@@ -848,7 +912,6 @@ where
             eps: c.rms_norm_eps as f32,
         };
         let num_blocks = lim.num_blocks;
-        use kernels::linear::linear;
         for (l, w) in layers.iter_mut().enumerate() {
             if l == 0 {
                 mark("rmsnorm (fused add)")?;
@@ -871,11 +934,11 @@ where
                     norm,
                 )?;
             }
-            mark("qkv GEMM + bias/split")?;
-            // One GEMM for q|k|v, then one kernel adds the bias and splits
-            // the [t, qd + 2kd] rows into contiguous q, k, v.
+            mark("qkv GEMM")?;
+            // One GEMM for q|k|v; the next kernel adds the bias as it reads.
             let nqkv = qd + 2 * kd;
-            linear(
+            lin(
+                lt,
                 gpu,
                 &mut ws.qkv.slice_mut(..t * nqkv),
                 nqkv,
@@ -885,48 +948,28 @@ where
                 h,
                 nqkv,
             )?;
-            kernels::util::split_qkv_bias(
+            mark("qkv bias + rope + kv store")?;
+            kernels::rope_kv_store::qkv_rope_kv_store(
                 gpu,
-                &mut ws.q.slice_mut(..t * qd),
-                &mut ws.k.slice_mut(..t * kd),
-                &mut ws.v.slice_mut(..t * kd),
-                &ws.qkv.slice(..t * nqkv),
-                &w.qkv_b.slice(..),
-                t,
-                qd,
-                kd,
+                QkvRopeKvStoreArgs {
+                    q_out: &mut ws.q.slice_mut(..t * qd),
+                    qkv: &ws.qkv.slice(..t * nqkv),
+                    bias: &w.qkv_b.slice(..),
+                    k_cache: &mut w.k_cache.slice_mut(..),
+                    v_cache: &mut w.v_cache.slice_mut(..),
+                    positions: &ws.pos.slice(..t),
+                    slot_mapping: &ws.slots.slice(..t),
+                },
+                rope,
+                RopeKvStoreDims {
+                    tokens: t,
+                    q_heads: qh,
+                    kv_heads: kvh,
+                    head_dim: d,
+                    block_size: BLOCK_SIZE,
+                    num_blocks,
+                },
             )?;
-            {
-                let mut qv = ws.q.slice_mut(..t * qd);
-                let kv = ws.k.slice(..t * kd);
-                let vv = ws.v.slice(..t * kd);
-                let mut kc = w.k_cache.slice_mut(..);
-                let mut vc = w.v_cache.slice_mut(..);
-                let pv = ws.pos.slice(..t);
-                let sv = ws.slots.slice(..t);
-                mark("rope_kv_store")?;
-                kernels::rope_kv_store::rope_kv_store(
-                    gpu,
-                    RopeKvStoreArgs {
-                        q: &mut qv,
-                        k: &kv,
-                        v: &vv,
-                        k_cache: &mut kc,
-                        v_cache: &mut vc,
-                        positions: &pv,
-                        slot_mapping: &sv,
-                    },
-                    rope,
-                    RopeKvStoreDims {
-                        tokens: t,
-                        q_heads: qh,
-                        kv_heads: kvh,
-                        head_dim: d,
-                        block_size: BLOCK_SIZE,
-                        num_blocks,
-                    },
-                )?;
-            }
             let pad = PagedAttentionDims {
                 batch: t,
                 q_heads: qh,
@@ -978,7 +1021,8 @@ where
                 )?;
             }
             mark("o_proj GEMM")?;
-            linear(
+            lin(
+                lt,
                 gpu,
                 &mut ws.proj.slice_mut(..t * h),
                 h,
@@ -999,7 +1043,8 @@ where
             )?;
             // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
             mark("gate|up GEMM")?;
-            linear(
+            lin(
+                lt,
                 gpu,
                 &mut ws.gu.slice_mut(..t * 2 * inter),
                 2 * inter,
@@ -1018,7 +1063,8 @@ where
                 inter,
             )?;
             mark("down GEMM")?;
-            linear(
+            lin(
+                lt,
                 gpu,
                 &mut ws.proj.slice_mut(..t * h),
                 h,
@@ -1049,7 +1095,8 @@ where
         )?;
         let head = lm_head.as_ref().unwrap_or(embed);
         mark("LM head GEMM")?;
-        linear(
+        lin(
+            lt,
             gpu,
             &mut ws.logits.slice_mut(..n * vocab),
             vocab,

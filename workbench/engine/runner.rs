@@ -9,7 +9,7 @@
 
 use super::config::Qwen2Config;
 use super::model::{
-    GpuModel, ModelError, ModelLimits, SeqInput, StepInput, WeightSource, BLOCK_SIZE,
+    GemmBackend, GpuModel, ModelError, ModelLimits, SeqInput, StepInput, WeightSource, BLOCK_SIZE,
 };
 use super::sampler::{self, SampleError};
 use super::scheduler::{
@@ -69,6 +69,8 @@ pub struct EngineConfig {
     /// Most tokens one split of decode attention covers (0: no cap); see
     /// `GpuModel::decode_split_tokens`.
     pub decode_split_tokens: usize,
+    /// The linear layers' GEMM path.
+    pub gemm: GemmBackend,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +83,7 @@ impl Default for EngineConfig {
             num_blocks: None,
             cuda_graphs: true,
             decode_split_tokens: 0,
+            gemm: GemmBackend::default(),
         }
     }
 }
@@ -129,7 +132,8 @@ fn workspace_bytes(cfg: &Qwen2Config, limits: &ModelLimits, elem: usize) -> u64 
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (qd, kd) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
     let (t, s) = (limits.max_tokens as u64, limits.max_seqs as u64);
-    let per_token = (4 * h + 2 * qd + 2 * kd + 3 * i) as u64 * elem as u64 // activations
+    // residual, hn, proj; qkv; q, attn; gate|up, act
+    let per_token = (3 * h + (qd + 2 * kd) + 2 * qd + 3 * i) as u64 * elem as u64 // activations
         + 4 * 4 + 8 // ids, positions, lengths, slots
         + 4 * limits.max_model_len.div_ceil(BLOCK_SIZE) as u64; // block-table row
     let per_seq = (h + cfg.vocab_size) as u64 * elem as u64 + 4 + 4 + 8 + 4;
@@ -196,6 +200,7 @@ where
         })?;
         let mut model = GpuModel::build(gpu, cfg, src, limits)?;
         model.decode_split_tokens = ec.decode_split_tokens;
+        model.set_gemm(gpu, ec.gemm)?;
         Ok(Self {
             model,
             sched,
