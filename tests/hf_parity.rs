@@ -409,6 +409,14 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         "decode steps must have replayed captured graphs"
     );
     assert_eq!(replayed, solo, "CUDA graphs vs eager");
+    // cuBLASLt GEMMs, tuned per batch shape, under graphs.
+    let lt = EngineConfig {
+        cuda_graphs: true,
+        gemm: workbench::engine::model::GemmBackend::LtTuned,
+        ..base
+    };
+    let (lt_out, _, _) = engine_greedy(&gpu, lt, &prompts);
+    assert_eq!(lt_out, solo, "tuned cuBLASLt GEMMs vs cublasGemmEx");
     // A pool of 4 blocks (64 tokens) for all of them: preemption by recompute.
     let small = EngineConfig {
         num_blocks: Some(4),
