@@ -89,9 +89,11 @@ struct E2eArgs {
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
-    /// GEMM path of the linear layers: lt-tuned (cuBLASLt, the fastest of
-    /// its candidates timed once per decode shape) or cublas (cublasGemmEx).
-    #[arg(long, default_value = "lt-tuned")]
+    /// GEMM path of the linear layers: cublas (cublasGemmEx, the default) or
+    /// lt-tuned (cuBLASLt, the fastest of its candidates timed once per
+    /// decode shape: measured no faster per step, and its tuning and
+    /// per-shape plans slow a whole run, CHALLENGES #13).
+    #[arg(long, default_value = "cublas")]
     gemm: workbench::engine::model::GemmBackend,
     /// Do not write the CSV row.
     #[arg(long)]

@@ -391,6 +391,17 @@ impl LtLinear {
         };
 
         if !self.plans.contains_key(&key) {
+            if capturing {
+                // Measured on the H200: creating a plan (descriptors and the
+                // heuristic query) under capture invalidates the capture.
+                return Err(KernelError::Unsupported {
+                    op: OP,
+                    what: format!(
+                        "first call of {what} during CUDA graph capture: call this shape once \
+                         outside capture first (that picks and tunes its algorithm)"
+                    ),
+                });
+            }
             let seq = self.plans.len();
             let plan = create_plan(self.handle, key, seq, what)?;
             self.plans.insert(key, plan);

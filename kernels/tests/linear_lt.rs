@@ -340,11 +340,13 @@ fn large_token_counts_take_the_heuristic_first() {
     assert!(!p.tuned && p.chosen == 0 && p.best_us.is_none(), "{p:?}");
 }
 
-/// Under graph capture a new shape uses the heuristic's first (no timing,
-/// no synchronisation); the first eager call afterwards tunes it.
+/// Under graph capture a shape never seen is refused with an error that
+/// says what to do, and the capture stays valid (measured: creating a plan
+/// under capture invalidates it). After one eager call has tuned the shape,
+/// a capture reuses that plan and its replay gives the right output.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn graph_capture_uses_the_heuristic_then_eager_call_tunes() {
+fn graph_capture_needs_an_eager_call_first_then_replays_the_tuned_plan() {
     use kernels::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let gpu = gpu();
     let stream = gpu.stream().clone();
@@ -361,39 +363,34 @@ fn graph_capture_uses_the_heuristic_then_eager_call_tunes() {
     let sentinel = f16::from_f64(f64::NAN);
     let mut dy = stream.clone_htod(&vec![sentinel; tokens * out]).unwrap();
     gpu.synchronize().unwrap();
+    let call = |lt: &mut LtLinear, dy: &mut kernels::cudarc::driver::CudaSlice<f16>| {
+        lt.linear(
+            &gpu,
+            &mut dy.slice_mut(..),
+            out,
+            &dx.slice(..),
+            &dw.slice(..),
+            tokens,
+            inf,
+            out,
+        )
+    };
 
     stream
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .unwrap();
-    let captured = lt.linear(
-        &gpu,
-        &mut dy.slice_mut(..),
-        out,
-        &dx.slice(..),
-        &dw.slice(..),
-        tokens,
-        inf,
-        out,
-    );
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap();
-    captured.unwrap_or_else(|e| panic!("under capture: {e}"));
-    let p = lt.plans()[0].clone();
-    assert!(!p.tuned && p.chosen == 0, "{p:?}");
-    graph.expect("a graph").launch().unwrap();
-    let got: Vec<f16> = stream.clone_dtoh(&dy).unwrap();
-    check(&got, &want, &scale, tokens, out, out, sentinel, "f16 graph");
+    let refused = call(&mut lt, &mut dy);
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .expect("the capture is still valid");
+    let err = refused
+        .expect_err("an unseen shape under capture")
+        .to_string();
+    assert!(err.contains("outside capture first"), "{err}");
+    assert!(lt.plans().is_empty());
+    drop(graph);
 
-    lt.linear(
-        &gpu,
-        &mut dy.slice_mut(..),
-        out,
-        &dx.slice(..),
-        &dw.slice(..),
-        tokens,
-        inf,
-        out,
-    )
-    .unwrap_or_else(|e| panic!("eager after capture: {e}"));
+    call(&mut lt, &mut dy).unwrap_or_else(|e| panic!("eager: {e}"));
     let got: Vec<f16> = stream.clone_dtoh(&dy).unwrap();
     check(&got, &want, &scale, tokens, out, out, sentinel, "f16 eager");
     let plans = lt.plans();
@@ -402,6 +399,32 @@ fn graph_capture_uses_the_heuristic_then_eager_call_tunes() {
         plans[0].tuned && plans[0].best_us.is_some(),
         "{:?}",
         plans[0]
+    );
+
+    let mut dy2 = stream.clone_htod(&vec![sentinel; tokens * out]).unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let captured = call(&mut lt, &mut dy2);
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap();
+    captured.unwrap_or_else(|e| panic!("under capture with a plan: {e}"));
+    assert_eq!(lt.plans(), plans, "capture reused the tuned plan");
+    graph.expect("a graph").launch().unwrap();
+    let got2: Vec<f16> = stream.clone_dtoh(&dy2).unwrap();
+    check(
+        &got2,
+        &want,
+        &scale,
+        tokens,
+        out,
+        out,
+        sentinel,
+        "f16 graph",
+    );
+    assert_eq!(
+        got2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "replay bit-identical to the eager call"
     );
 }
 
