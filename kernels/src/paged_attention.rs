@@ -411,20 +411,19 @@ fn launch_v3<T: Storage>(
             "v1",
         );
     }
+    let symbol = format!(
+        "paged_attention_v{}_d{}",
+        if fused { 4 } else { 3 },
+        d.head_dim
+    );
+    let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
     let smem = v3_smem_bytes(d.head_dim);
-    let load = |v: u32| -> Result<(String, cudarc::driver::CudaFunction)> {
-        let symbol = format!("paged_attention_v{v}_d{}", d.head_dim);
-        let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
-        // More than the default 48 KiB of dynamic shared memory must be opted into.
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(KernelError::driver(format!("cuFuncSetAttribute({symbol})")))?;
-        Ok((symbol, f))
-    };
-    // The plan comes from v3's occupancy (v4 is the same body).
-    let (symbol, f) = load(3)?;
+    // More than the default 48 KiB of dynamic shared memory must be opted into.
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(KernelError::driver(format!("cuFuncSetAttribute({symbol})")))?;
     let per_sm = f
         .occupancy_max_active_blocks_per_multiprocessor(V3_THREADS, smem, None)
         .map_err(KernelError::driver(format!(
@@ -476,10 +475,6 @@ fn launch_v3<T: Storage>(
         block_dim: (V3_THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    // v4 differs from v3 only when a sequence may split: with one split it
-    // launches v3's grid (measured: the flattened grid was 2% slower there).
-    let fused = fused && splits > 1;
-    let (symbol, f) = if fused { load(4)? } else { (symbol, f) };
     let mut builder = gpu.stream().launch_builder(&f);
     builder
         .arg(&mut *out)

@@ -55,7 +55,7 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         name: "v4",
-        note: "v3 with splits per sequence (a short one runs as one block and writes its output) and the last block of a split sequence merging the partials: no merge launch (with one split it launches v3 as is)",
+        note: "v3 with splits per sequence (a short one runs as one block and writes its output) and the last block of a split sequence merging the partials: no merge launch; blocks in row order, a sequence's splits together",
         production: false,
     },
 ];
