@@ -57,7 +57,6 @@ fn config(num_blocks: usize) -> EngineConfig {
         cuda_graphs: true,
         decode_split_tokens: 0,
         gemm: Default::default(),
-        decode_attention: kernels::paged_attention::PRODUCTION,
     }
 }
 

@@ -383,7 +383,6 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         cuda_graphs: false,
         decode_split_tokens: 16,
         gemm: Default::default(),
-        decode_attention: kernels::paged_attention::PRODUCTION,
     };
     // Batch 1: one sequence at a time.
     let solo: Vec<Vec<u32>> = prompts

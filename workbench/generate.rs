@@ -765,7 +765,6 @@ pub fn engine_config(
         cuda_graphs,
         decode_split_tokens: 0,
         gemm: Default::default(),
-        decode_attention: kernels::paged_attention::PRODUCTION,
     })
 }
 

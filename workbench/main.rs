@@ -95,9 +95,6 @@ struct E2eArgs {
     /// per-shape plans slow a whole run, CHALLENGES #13).
     #[arg(long, default_value = "cublas")]
     gemm: workbench::engine::model::GemmBackend,
-    /// paged_attention variant of decode steps (default: the production one).
-    #[arg(long, default_value = kernels::paged_attention::PRODUCTION)]
-    decode_attention: String,
     /// Do not write the CSV row.
     #[arg(long)]
     no_csv: bool,
@@ -592,19 +589,6 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         cuda_graphs: !a.eager,
         decode_split_tokens: a.decode_split_tokens,
         gemm: a.gemm,
-        decode_attention: match kernels::paged_attention::VARIANTS
-            .iter()
-            .find(|v| **v == a.decode_attention)
-        {
-            Some(v) => v,
-            None => {
-                return Err(Setup(anyhow::anyhow!(
-                    "--decode-attention {}: not a paged_attention variant ({})",
-                    a.decode_attention,
-                    kernels::paged_attention::VARIANTS.join(", ")
-                )))
-            }
-        },
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
     let src = match &ckpt {

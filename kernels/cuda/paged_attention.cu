@@ -530,16 +530,6 @@ template <> struct Pa3Mma<__half> {
 // Four storage elements: one 8-byte store of the output.
 template <typename T> struct alignas(8) Pa3Out4 { T v[4]; };
 
-// v3 and v4 share this body. v3 (counters == nullptr): the grid is
-// (kv head, sequence, split); with more than one split every block writes a
-// partial and paged_attention_merge combines them in a second launch. v4
-// (counters != nullptr): the launcher flattens (sequence, kv head, split),
-// split fastest, so a sequence's splits are dispatched together in the
-// batch's row order; a sequence uses only the splits its own length needs
-// (the rest exit at once), a one-split sequence writes its output directly,
-// and the last block of a split sequence to finish (an atomic count per
-// (sequence, kv head), left at 0 for the next launch) merges the partials:
-// no second launch.
 template <typename T, int D>
 __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__ part_o,
                                         float* __restrict__ part_ml, const T* __restrict__ q,
@@ -547,9 +537,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
                                         const int* __restrict__ block_tables,
                                         const int* __restrict__ context_lens, float scale,
                                         int q_heads, int kv_heads, int block_size,
-                                        int max_blocks_per_seq, int num_blocks, int split_tokens,
-                                        int kvh, int b, int split, int splits,
-                                        int* __restrict__ counters) {
+                                        int max_blocks_per_seq, int num_blocks, int split_tokens) {
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
     // [warps][STAGES][K rows | V rows][16][D + 8] storage elements; after the
@@ -557,8 +545,9 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
     extern __shared__ __align__(16) unsigned char pa3_smem[];
     __shared__ float s_m[PA3_WARPS][16], s_l[PA3_WARPS][16], s_w[PA3_WARPS][16];
     __shared__ float s_M[16], s_L[16];
-    __shared__ int s_bad, s_last;
+    __shared__ int s_bad;
 
+    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int G = q_heads / kv_heads;
@@ -566,11 +555,6 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
     const int ctx_raw = context_lens[b];
     const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= max_blocks_per_seq * block_size;
     const int n = ctx_ok ? ctx_raw : 0;
-    // v4: the splits this sequence needs (at least one, which writes the
-    // output even for an empty or bad context); later ones have no work.
-    const int used = counters != nullptr ? max(1, (n + split_tokens - 1) / split_tokens) : splits;
-    if (split >= used) return;  // whole block, before any barrier
-    const bool direct = used == 1;
     const int start = split * split_tokens;
     const int end = min(n, start + split_tokens);
     const int nch = end > start ? (end - start + PA3_CHUNK - 1) / PA3_CHUNK : 0;
@@ -799,7 +783,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
             o[3] += a.w * wgt;
         }
         const i64 qh = (i64)b * q_heads + (i64)kvh * G + h;
-        if (direct) {
+        if (splits == 1) {
             const float L = s_L[h];
             Pa3Out4<T> r;
 #pragma unroll
@@ -811,71 +795,13 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
                 make_float4(o[0], o[1], o[2], o[3]);
         }
     }
-    if (!direct && threadIdx.x < G) {
-        // The merge works in natural-log units, as v2 writes them.
+    if (splits > 1 && threadIdx.x < G) {
+        // The merge kernel works in natural-log units, as v2 writes them.
         const int h = threadIdx.x;
         const float mx = s_M[h];
         float* ml = part_ml + (((i64)b * q_heads + (i64)kvh * G + h) * splits + split) * 2;
         ml[0] = any_bad ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
         ml[1] = s_L[h];
-    }
-    if (direct || counters == nullptr) return;
-
-    // v4: count this split done; the last of the sequence's `used` merges.
-    __threadfence();  // this block's partials are visible device-wide first
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int* cnt = counters + (i64)b * kv_heads + kvh;
-        s_last = atomicAdd(cnt, 1) == used - 1;
-        if (s_last) *cnt = 0;  // every split has counted: ready for the next launch
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    // Per query head: the max M over the splits and L = sum_s l_s e^(m_s - M)
-    // (natural-log units), as paged_attention_merge computes them. Reads go
-    // through L2 (__ldcg): other blocks wrote these.
-    const i64 base0 = ((i64)b * q_heads + (i64)kvh * G) * splits;
-    if (threadIdx.x < G) {
-        const int h = threadIdx.x;
-        const i64 base = base0 + (i64)h * splits;
-        float M = WB_NEG_INF;
-        bool nan = false;
-        for (int sp = 0; sp < used; ++sp) {
-            const float m = __ldcg(part_ml + (base + sp) * 2);
-            nan |= m != m;
-            M = fmaxf(M, m);
-        }
-        float L = 0.f;
-        for (int sp = 0; sp < used; ++sp) {
-            const float m = __ldcg(part_ml + (base + sp) * 2);
-            const float w = m == WB_NEG_INF ? 0.f : expf(m - M);
-            L += __ldcg(part_ml + (base + sp) * 2 + 1) * w;
-        }
-        s_M[h] = nan ? WB_NAN : M;
-        s_L[h] = L;
-    }
-    __syncthreads();
-    for (int it = threadIdx.x; it < G * Q4; it += PA3_WARPS * 32) {
-        const int h = it / Q4, d = (it - h * Q4) * 4;
-        const i64 base = base0 + (i64)h * splits;
-        const float M = s_M[h], L = s_L[h];
-        float o[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int sp = 0; sp < used; ++sp) {
-            const float m = __ldcg(part_ml + (base + sp) * 2);
-            if (m == WB_NEG_INF) continue;
-            const float w = expf(m - M);
-            const float4 a = __ldcg(reinterpret_cast<const float4*>(part_o + (base + sp) * D + d));
-            o[0] += a.x * w;
-            o[1] += a.y * w;
-            o[2] += a.z * w;
-            o[3] += a.w * w;
-        }
-        Pa3Out4<T> r;
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-            r.v[e] = from_f32<T>(M != M ? WB_NAN : (L > 0.f ? o[e] / L : 0.f));
-        *reinterpret_cast<Pa3Out4<T>*>(out + ((i64)b * q_heads + (i64)kvh * G + h) * D + d) = r;
     }
 }
 
@@ -891,22 +817,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
                                       int max_blocks_per_seq, int num_blocks, int split_tokens) { \
         paged_attention_v3_impl<T, D>(out, part_o, part_ml, q, k_cache, v_cache, block_tables,   \
                                       context_lens, scale, q_heads, kv_heads, block_size,        \
-                                      max_blocks_per_seq, num_blocks, split_tokens, blockIdx.x,  \
-                                      blockIdx.y, blockIdx.z, gridDim.z, nullptr);               \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
-        paged_attention_v4_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
-                                      const T* k_cache, const T* v_cache,                        \
-                                      const int* block_tables, const int* context_lens,          \
-                                      float scale, int q_heads, int kv_heads, int block_size,    \
-                                      int max_blocks_per_seq, int num_blocks, int split_tokens,  \
-                                      int splits, int* counters) {                               \
-        const int split = (int)(blockIdx.x % (unsigned)splits);                                  \
-        const int bk = (int)(blockIdx.x / (unsigned)splits);                                     \
-        paged_attention_v3_impl<T, D>(out, part_o, part_ml, q, k_cache, v_cache, block_tables,   \
-                                      context_lens, scale, q_heads, kv_heads, block_size,        \
-                                      max_blocks_per_seq, num_blocks, split_tokens,              \
-                                      bk % kv_heads, bk / kv_heads, split, splits, counters);    \
+                                      max_blocks_per_seq, num_blocks, split_tokens);             \
     }
 #define WB_PAGED_ATTENTION_V3_DIMS(T, S) \
     WB_PAGED_ATTENTION_V3(T, S, 32)      \

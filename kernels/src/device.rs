@@ -32,11 +32,6 @@ pub struct Gpu {
     /// attention's partial results). Grown only outside graph capture: a
     /// captured graph keeps the pointer it saw, so callers size it first.
     scratch: Mutex<Option<CudaSlice<u8>>>,
-    /// Grow-only i32 counters, zero when allocated, that kernels using them
-    /// leave at zero (paged_attention v4's per-(sequence, kv head) split
-    /// counts). Separate from the scratch, whose contents any kernel may
-    /// overwrite.
-    counters: Mutex<Option<CudaSlice<i32>>>,
     scratch_generation: std::sync::atomic::AtomicU64,
 }
 
@@ -136,7 +131,6 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             scratch: Mutex::new(None),
-            counters: Mutex::new(None),
             scratch_generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -229,24 +223,6 @@ impl Gpu {
                 self.stream
                     .alloc_zeros::<u8>(bytes.max(256))
                     .map_err(KernelError::driver("allocate scratch"))?,
-            );
-        }
-        Ok(g)
-    }
-
-    /// At least `n` zeroed i32 counters (reallocated only to grow; a kernel
-    /// that uses them must leave them at zero). Growing bumps the scratch
-    /// generation, since captured graphs hold the old address.
-    pub fn counters(&self, n: usize) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<i32>>>> {
-        let mut g = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        if g.as_ref().is_none_or(|b| b.len() < n) {
-            self.scratch_generation
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            *g = None;
-            *g = Some(
-                self.stream
-                    .alloc_zeros::<i32>(n.max(64))
-                    .map_err(KernelError::driver("allocate counters"))?,
             );
         }
         Ok(g)

@@ -11,7 +11,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelA
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
 pub const PRODUCTION: &str = "v3";
 
 /// v2's launch constants (paged_attention.cu).
@@ -166,11 +166,7 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        "v3" | "v4" => {
-            let fused = variant == "v4";
-            let (k, v) = (k_cache, v_cache);
-            return launch_v3(gpu, out, q, k, v, block_tables, context_lens, d, fused);
-        }
+        "v3" => return launch_v3(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
         other => {
             return Err(KernelError::Unsupported {
                 op: OP,
@@ -373,9 +369,7 @@ fn v3_aligned<T: Storage>(
 /// operands, which cannot keep f32's 1e-5 accuracy. Head dims without a v3
 /// entry point go to v2 as well, and buffers that are not 16-byte aligned
 /// (a view at an odd offset) to v1, the only variant without vector loads.
-/// Shapes were checked by the caller. With `fused`, v4: v3's kernel with
-/// per-sequence splits merged by the last block of each sequence (no merge
-/// launch; see the .cu).
+/// Shapes were checked by the caller.
 #[allow(clippy::too_many_arguments)]
 fn launch_v3<T: Storage>(
     gpu: &Gpu,
@@ -386,7 +380,6 @@ fn launch_v3<T: Storage>(
     block_tables: &CudaView<i32>,
     context_lens: &CudaView<i32>,
     d: PagedAttentionDims,
-    fused: bool,
 ) -> Result<()> {
     let group = d.q_heads / d.kv_heads;
     if group > V3_MAX_GROUP {
@@ -411,11 +404,7 @@ fn launch_v3<T: Storage>(
             "v1",
         );
     }
-    let symbol = format!(
-        "paged_attention_v{}_d{}",
-        if fused { 4 } else { 3 },
-        d.head_dim
-    );
+    let symbol = format!("paged_attention_v3_d{}", d.head_dim);
     let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
     let smem = v3_smem_bytes(d.head_dim);
     // More than the default 48 KiB of dynamic shared memory must be opted into.
@@ -470,58 +459,44 @@ fn launch_v3<T: Storage>(
         d.num_blocks as i32,
         split_tokens as i32,
     );
-    let cfg = |grid| LaunchConfig {
-        grid_dim: grid,
-        block_dim: (V3_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let mut builder = gpu.stream().launch_builder(&f);
-    builder
-        .arg(&mut *out)
-        .arg(&mut po)
-        .arg(&mut pml)
-        .arg(q)
-        .arg(k_cache)
-        .arg(v_cache)
-        .arg(block_tables)
-        .arg(context_lens)
-        .arg(&scale)
-        .arg(&q_heads)
-        .arg(&kv_heads)
-        .arg(&block_size)
-        .arg(&mbps)
-        .arg(&num_blocks)
-        .arg(&st);
-    // SAFETY (both launches): lengths were checked by `paged_attention`; q,
-    // out and both caches are 16-byte aligned (checked above) and head_dim
-    // is a multiple of 16, so every cp.async row piece, q pair and out quad
-    // is aligned; the group is at most 16 (the mma's rows); the workspace
-    // views hold batch*q_heads*splits*(head_dim + 2) floats; context lengths
-    // and block ids are range-checked on the device as in v1 (a bad one
-    // gives NaN and is never dereferenced); the dynamic shared memory is the
-    // kernel's ring size for this head_dim, opted into above. v4's counters
-    // hold batch*kv_heads zeros (Gpu::counters); each block touches only its
-    // (sequence, kv head)'s, and the last block of each resets it to 0.
-    if fused {
-        let blocks = d.batch * d.kv_heads * splits;
-        let mut counters = gpu.counters(d.batch * d.kv_heads)?;
-        let cnt = counters.as_mut().ok_or_else(|| KernelError::Unsupported {
-            op: OP,
-            what: "counters buffer missing".into(),
-        })?;
-        let splits_i32 = splits as i32;
-        builder.arg(&splits_i32).arg(cnt);
-        unsafe { builder.launch(cfg((grid_u32(OP, "blocks", blocks)?, 1, 1))) }
-            .map_err(KernelError::driver(format!("launch {symbol}")))?;
-        return Ok(());
-    }
     let grid = (
         d.kv_heads as u32,
         grid_u32(OP, "batch", d.batch)?,
         splits as u32,
     );
-    unsafe { builder.launch(cfg(grid)) }
-        .map_err(KernelError::driver(format!("launch {symbol}")))?;
+    // SAFETY: lengths were checked by `paged_attention`; q, out and both
+    // caches are 16-byte aligned (checked above) and head_dim is a multiple of
+    // 16, so every cp.async row piece, q pair and out quad is aligned; the
+    // group is at most 16 (the mma's rows); the workspace views hold
+    // batch*q_heads*splits*(head_dim + 2) floats; context lengths and block
+    // ids are range-checked on the device as in v1 (a bad one gives NaN and
+    // is never dereferenced); the dynamic shared memory is the kernel's ring
+    // size for this head_dim, opted into above.
+    unsafe {
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(&mut *out)
+            .arg(&mut po)
+            .arg(&mut pml)
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(block_tables)
+            .arg(context_lens)
+            .arg(&scale)
+            .arg(&q_heads)
+            .arg(&kv_heads)
+            .arg(&block_size)
+            .arg(&mbps)
+            .arg(&num_blocks)
+            .arg(&st)
+            .launch(LaunchConfig {
+                grid_dim: grid,
+                block_dim: (V3_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            })
+    }
+    .map_err(KernelError::driver(format!("launch {symbol}")))?;
     if splits > 1 {
         launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
     }

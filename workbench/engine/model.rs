@@ -196,9 +196,6 @@ pub struct GpuModel<T> {
     /// on the e2e workload the merge a cap adds cost more than the balance
     /// gained (CHALLENGES #12), so it stays off unless asked for.
     pub decode_split_tokens: usize,
-    /// The paged_attention variant of decode steps (the production one by
-    /// default; another for same-run comparisons).
-    pub decode_attention: &'static str,
     /// The linear layers' GEMM path (see [`GemmBackend`]); set with
     /// [`GpuModel::set_gemm`]. Declared after `graphs`, so it is dropped
     /// after the graphs that captured its workspace.
@@ -450,7 +447,6 @@ where
             last_rows: 0,
             graphs: HashMap::new(),
             lt: None,
-            decode_attention: kernels::paged_attention::PRODUCTION,
             decode_split_tokens: 0,
             prefill_kernel: T::DTYPE != kernels::DType::F32
                 && kernels::prefill_attention::HEAD_DIMS
@@ -892,7 +888,6 @@ where
         let (qd, kd) = (qh * d, kvh * d);
         let vocab = c.vocab_size;
         let split_cap = self.decode_split_tokens;
-        let decode_variant = self.decode_attention;
         let GpuModel {
             layers,
             ws,
@@ -1023,7 +1018,7 @@ where
                     &ws.tables.slice(..t * mbps),
                     &ws.lens.slice(..t),
                     pad,
-                    decode_variant,
+                    kernels::paged_attention::PRODUCTION,
                 )?;
             }
             mark("o_proj GEMM")?;

@@ -71,8 +71,6 @@ pub struct EngineConfig {
     pub decode_split_tokens: usize,
     /// The linear layers' GEMM path.
     pub gemm: GemmBackend,
-    /// paged_attention variant for decode (default: the production one).
-    pub decode_attention: &'static str,
 }
 
 impl Default for EngineConfig {
@@ -86,7 +84,6 @@ impl Default for EngineConfig {
             cuda_graphs: true,
             decode_split_tokens: 0,
             gemm: GemmBackend::default(),
-            decode_attention: kernels::paged_attention::PRODUCTION,
         }
     }
 }
@@ -204,7 +201,6 @@ where
         let mut model = GpuModel::build(gpu, cfg, src, limits)?;
         model.decode_split_tokens = ec.decode_split_tokens;
         model.set_gemm(gpu, ec.gemm)?;
-        model.decode_attention = ec.decode_attention;
         Ok(Self {
             model,
             sched,

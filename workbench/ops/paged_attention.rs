@@ -53,11 +53,6 @@ const VARIANTS: &[Variant] = &[
         note: "v2's grid on tensor cores: mma.m16n8k16 for Q.K^T and P.V, per-warp cp.async rings, online softmax in registers, one resident wave of splits (f32 runs v2)",
         production: true,
     },
-    Variant {
-        name: "v4",
-        note: "v3 with splits per sequence (a short one runs as one block and writes its output) and the last block of a split sequence merging the partials: no merge launch; blocks in row order, a sequence's splits together",
-        production: false,
-    },
 ];
 
 /// `large`: q and k near ±4 (scores in the tens: a sharply peaked softmax),
