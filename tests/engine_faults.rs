@@ -34,15 +34,7 @@ const STEP_LIMIT: usize = 20_000;
 fn engine(gpu: &kernels::Gpu, ec: EngineConfig) -> Engine<f32> {
     let cfg = Qwen2Config::from_json_str(CONFIG).expect("golden config.json parses");
     let st = SafeTensors::deserialize(SAFETENSORS).expect("golden model.safetensors parses");
-    let get = |name: &str| -> Option<Vec<f32>> {
-        let v = st.tensor(name).ok()?;
-        Some(
-            v.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        )
-    };
+    let get = |name: &str| common::f32_tensor(&st, name);
     Engine::<f32>::new(gpu, &cfg, WeightSource::Tensors(&get), ec).expect("engine loads")
 }
 

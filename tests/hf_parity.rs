@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+mod common;
+
 use kernels::DType;
 use ndarray::Array2;
 use reference::qwen2::{Qwen2RefConfig, Qwen2Weights};
@@ -201,15 +203,7 @@ where
 {
     let cfg = Qwen2Config::from_json_str(CONFIG).expect("golden config.json parses");
     let st = SafeTensors::deserialize(SAFETENSORS).expect("golden model.safetensors parses");
-    let get = |name: &str| -> Option<Vec<f32>> {
-        let v = st.tensor(name).ok()?;
-        Some(
-            v.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        )
-    };
+    let get = |name: &str| common::f32_tensor(&st, name);
     workbench::engine::model::GpuModel::<T>::load(gpu, &cfg, &get, 64)
         .expect("golden weights load on the GPU")
 }
@@ -221,7 +215,7 @@ fn as_array(logits: Vec<f32>, len: usize, vocab: usize) -> Array2<f64> {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_engine_f32_matches_transformers() {
-    let gpu = kernels::Gpu::new(0).expect("a usable GPU");
+    let gpu = common::gpu();
     let cfg = ref_config();
     let mut model = gpu_model::<f32>(&gpu);
     for c in golden_cases(cfg.vocab) {
@@ -252,7 +246,7 @@ fn gpu_engine_f32_matches_transformers() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_engine_bf16_tracks_transformers() {
-    let gpu = kernels::Gpu::new(0).expect("a usable GPU");
+    let gpu = common::gpu();
     let cfg = ref_config();
     let mut model = gpu_model::<half::bf16>(&gpu);
     for c in golden_cases(cfg.vocab) {
@@ -299,15 +293,7 @@ fn engine_greedy(
     use workbench::engine::scheduler::Request;
     let cfg = Qwen2Config::from_json_str(CONFIG).expect("golden config.json parses");
     let st = SafeTensors::deserialize(SAFETENSORS).expect("golden model.safetensors parses");
-    let get = |name: &str| -> Option<Vec<f32>> {
-        let v = st.tensor(name).ok()?;
-        Some(
-            v.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        )
-    };
+    let get = |name: &str| common::f32_tensor(&st, name);
     let mut engine =
         Engine::<f32>::new(gpu, &cfg, WeightSource::Tensors(&get), ec).expect("engine loads");
     let mut ids = Vec::new();
@@ -362,7 +348,7 @@ fn engine_greedy(
 #[ignore = "needs a CUDA GPU"]
 fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
     use workbench::engine::runner::EngineConfig;
-    let gpu = kernels::Gpu::new(0).expect("a usable GPU");
+    let gpu = common::gpu();
     let cfg = ref_config();
     let cases = golden_cases(cfg.vocab);
     // Every golden prompt, plus longer generations of the same prompts, so the
@@ -438,7 +424,7 @@ fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
     use workbench::engine::model::{
         GpuModel, ModelLimits, SeqInput, StepInput, WeightSource, BLOCK_SIZE,
     };
-    let gpu = kernels::Gpu::new(0).expect("a usable GPU");
+    let gpu = common::gpu();
     let mut cfg = Qwen2Config::preset("qwen2-0.5b").unwrap();
     cfg.num_hidden_layers = 2;
     cfg.vocab_size = 1024;

@@ -8,7 +8,7 @@
 //! a sequence's first token; TPOT is (finish − first token) / (outputs − 1).
 
 use crate::engine::config::Qwen2Config;
-use crate::engine::model::WeightSource;
+use crate::engine::model::{StepInput, WeightSource};
 use crate::engine::runner::{Engine, EngineConfig, EngineError, Finished};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{BatchKind, Request};
@@ -87,45 +87,51 @@ fn arrival_order_attention<T: Storage>(
 where
     CudaBlas: Gemm<T>,
 {
-    let Some((tok, pos, slots, tables, mbps, lens, last)) =
-        synthetic_decode(ctx, crate::engine::model::BLOCK_SIZE, num_blocks)
-    else {
+    let Some(step) = synthetic_decode(ctx, crate::engine::model::BLOCK_SIZE, num_blocks) else {
         return Ok(None);
     };
-    let inp = crate::engine::model::StepInput {
-        tokens: &tok,
-        positions: &pos,
-        slots: &slots,
-        tables: &tables,
-        mbps,
-        lens: &lens,
-        last: &last,
-        seqs: None,
-    };
-    let ops = engine.model.profile_step_graph(gpu, &inp, 20)?;
+    let ops = engine.model.profile_step_graph(gpu, &step.input(), 20)?;
     Ok(ops
         .iter()
         .find(|(l, _)| *l == "paged_attention")
         .map(|&(_, us)| us))
 }
 
+/// Host inputs of one decode step, owned (see [`StepInput`] for each).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyntheticStep {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<i32>,
+    pub slots: Vec<i64>,
+    pub tables: Vec<i32>,
+    pub mbps: usize,
+    pub lens: Vec<i32>,
+    pub last: Vec<i32>,
+}
+
+impl SyntheticStep {
+    pub fn input(&self) -> StepInput<'_> {
+        StepInput {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            slots: &self.slots,
+            tables: &self.tables,
+            mbps: self.mbps,
+            lens: &self.lens,
+            last: &self.last,
+            seqs: None,
+        }
+    }
+}
+
 /// Host inputs of a synthetic decode step: sequence i has `ctx[i]` cached
 /// tokens in its own run of blocks (laid out one after another from block
 /// 0) and adds token `ctx[i]`. `None` when the pool is too small.
-#[allow(clippy::type_complexity)]
 pub fn synthetic_decode(
     ctx: &[usize],
     block_size: usize,
     num_blocks: usize,
-) -> Option<(
-    Vec<u32>,
-    Vec<i32>,
-    Vec<i64>,
-    Vec<i32>,
-    usize,
-    Vec<i32>,
-    Vec<i32>,
-)> {
+) -> Option<SyntheticStep> {
     let mbps = ctx.iter().map(|&c| (c + 1).div_ceil(block_size)).max()?;
     let (mut positions, mut slots, mut tables, mut lens) = (vec![], vec![], vec![], vec![]);
     let mut next = 0usize;
@@ -143,15 +149,15 @@ pub fn synthetic_decode(
         return None;
     }
     let n = ctx.len();
-    Some((
-        (0..n as u32).map(|i| (i * 7919) % 1000).collect(),
+    Some(SyntheticStep {
+        tokens: (0..n as u32).map(|i| (i * 7919) % 1000).collect(),
         positions,
         slots,
         tables,
         mbps,
         lens,
-        (0..n as i32).collect(),
-    ))
+        last: (0..n as i32).collect(),
+    })
 }
 
 /// The q-quantile (nearest rank) of `v`; 0 when empty.
@@ -326,19 +332,8 @@ where
     full_ctx.sort_by(|a, b| b.cmp(a));
     if !full_ctx.is_empty() {
         let nb = engine.model.limits().num_blocks;
-        if let Some((tok, pos, slots, tables, mbps, lens, last)) =
-            synthetic_decode(&full_ctx, crate::engine::model::BLOCK_SIZE, nb)
-        {
-            let inp = crate::engine::model::StepInput {
-                tokens: &tok,
-                positions: &pos,
-                slots: &slots,
-                tables: &tables,
-                mbps,
-                lens: &lens,
-                last: &last,
-                seqs: None,
-            };
+        if let Some(step) = synthetic_decode(&full_ctx, crate::engine::model::BLOCK_SIZE, nb) {
+            let inp = step.input();
             let eager = engine.model.profile_step(gpu, &inp, 20)?;
             let (graph_ops, graph_us) = if ec.cuda_graphs {
                 let b = full_ctx.len();
@@ -577,8 +572,15 @@ mod tests {
 
     #[test]
     fn synthetic_decode_gives_each_sequence_its_own_blocks() {
-        let (tok, pos, slots, tables, mbps, lens, last) =
-            synthetic_decode(&[0, 15, 16, 40], 16, 100).unwrap();
+        let SyntheticStep {
+            tokens: tok,
+            positions: pos,
+            slots,
+            tables,
+            mbps,
+            lens,
+            last,
+        } = synthetic_decode(&[0, 15, 16, 40], 16, 100).unwrap();
         assert_eq!(mbps, 3);
         assert_eq!(pos, vec![0, 15, 16, 40]);
         assert_eq!(lens, vec![1, 16, 17, 41]);

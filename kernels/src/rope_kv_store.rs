@@ -32,6 +32,81 @@ pub struct RopeKvStoreArgs<'a, 'b, T> {
     pub slot_mapping: &'a CudaView<'b, i64>,
 }
 
+/// What both launchers check and compute alike: the table matches, the
+/// caches, positions and slots have their lengths, and the grid for
+/// `tokens * (q_heads + 2 kv_heads) * head_dim / 2` rotation pairs in 16-byte
+/// vectors. `None` when there are no tokens.
+struct Launch {
+    q_heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    tokens: i32,
+    max_pos: i32,
+    num_slots: i64,
+    blocks: u32,
+}
+
+impl Launch {
+    #[allow(clippy::too_many_arguments)]
+    fn prepare<T: Storage>(
+        op: &'static str,
+        gpu: &Gpu,
+        table: &RopeTable,
+        d: RopeKvStoreDims,
+        k_cache: &CudaViewMut<T>,
+        v_cache: &CudaViewMut<T>,
+        positions: &CudaView<i32>,
+        slot_mapping: &CudaView<i64>,
+    ) -> Result<Option<Self>> {
+        if table.head_dim != d.head_dim {
+            return Err(KernelError::shape(
+                op,
+                "table head_dim",
+                d.head_dim,
+                table.head_dim,
+            ));
+        }
+        let q_heads = dim_i32(op, "q_heads", d.q_heads)?;
+        let kv_heads = dim_i32(op, "kv_heads", d.kv_heads)?;
+        let head_dim = dim_i32(op, "head_dim", d.head_dim)?;
+        dim_i32(op, "block_size", d.block_size)?;
+        let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
+        check_len(
+            op,
+            "k_cache [num_blocks, block_size, kv_heads, head_dim]",
+            k_cache.len(),
+            cache,
+        )?;
+        check_len(
+            op,
+            "v_cache [num_blocks, block_size, kv_heads, head_dim]",
+            v_cache.len(),
+            cache,
+        )?;
+        check_len(op, "positions [tokens]", positions.len(), d.tokens)?;
+        check_len(op, "slot_mapping [tokens]", slot_mapping.len(), d.tokens)?;
+        if d.tokens == 0 {
+            return Ok(None);
+        }
+        let tokens = i32::try_from(d.tokens)
+            .map_err(|_| KernelError::shape(op, "tokens", "<= 2^31 - 1", d.tokens))?;
+        let vec = 16 / std::mem::size_of::<T>();
+        let work = (d.tokens * (d.q_heads + 2 * d.kv_heads) * d.head_dim / 2).div_ceil(vec);
+        let blocks = work
+            .div_ceil(256)
+            .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+        Ok(Some(Self {
+            q_heads,
+            kv_heads,
+            head_dim,
+            tokens,
+            max_pos: table.max_positions as i32,
+            num_slots: (d.num_blocks * d.block_size) as i64,
+            blocks,
+        }))
+    }
+}
+
 /// q [tokens, q_heads, d] rotated in place; rotated k and v [tokens,
 /// kv_heads, d] written to the caches [num_blocks, block_size, kv_heads, d].
 pub fn rope_kv_store<T: Storage>(
@@ -40,18 +115,6 @@ pub fn rope_kv_store<T: Storage>(
     table: &RopeTable,
     d: RopeKvStoreDims,
 ) -> Result<()> {
-    if table.head_dim != d.head_dim {
-        return Err(KernelError::shape(
-            OP,
-            "table head_dim",
-            d.head_dim,
-            table.head_dim,
-        ));
-    }
-    let q_heads = dim_i32(OP, "q_heads", d.q_heads)?;
-    let kv_heads = dim_i32(OP, "kv_heads", d.kv_heads)?;
-    let head_dim = dim_i32(OP, "head_dim", d.head_dim)?;
-    dim_i32(OP, "block_size", d.block_size)?;
     let kv = d.tokens * d.kv_heads * d.head_dim;
     check_len(
         OP,
@@ -61,36 +124,29 @@ pub fn rope_kv_store<T: Storage>(
     )?;
     check_len(OP, "k [tokens, kv_heads, head_dim]", a.k.len(), kv)?;
     check_len(OP, "v [tokens, kv_heads, head_dim]", a.v.len(), kv)?;
-    let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
-    check_len(
+    let Some(l) = Launch::prepare(
         OP,
-        "k_cache [num_blocks, block_size, kv_heads, head_dim]",
-        a.k_cache.len(),
-        cache,
-    )?;
-    check_len(
-        OP,
-        "v_cache [num_blocks, block_size, kv_heads, head_dim]",
-        a.v_cache.len(),
-        cache,
-    )?;
-    check_len(OP, "positions [tokens]", a.positions.len(), d.tokens)?;
-    check_len(OP, "slot_mapping [tokens]", a.slot_mapping.len(), d.tokens)?;
-    if d.tokens == 0 {
+        gpu,
+        table,
+        d,
+        a.k_cache,
+        a.v_cache,
+        a.positions,
+        a.slot_mapping,
+    )?
+    else {
         return Ok(());
-    }
-    let tokens = i32::try_from(d.tokens)
-        .map_err(|_| KernelError::shape(OP, "tokens", "<= 2^31 - 1", d.tokens))?;
+    };
     let f = typed_function::<T>(gpu, "rope_kv_store", "rope_kv_store")?;
-    let vec = 16 / std::mem::size_of::<T>();
-    let work = (d.tokens * (d.q_heads + 2 * d.kv_heads) * d.head_dim / 2).div_ceil(vec);
-    let blocks = work
-        .div_ceil(256)
-        .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
-    let (max_pos, num_slots) = (
-        table.max_positions as i32,
-        (d.num_blocks * d.block_size) as i64,
-    );
+    let Launch {
+        q_heads,
+        kv_heads,
+        head_dim,
+        tokens,
+        max_pos,
+        num_slots,
+        blocks,
+    } = l;
     // SAFETY: every buffer length is checked above; positions are range-checked
     // on the device before the table is read and slots outside [0, num_slots)
     // are skipped; the grid-stride loops stop at the element counts.
@@ -143,18 +199,6 @@ pub fn qkv_rope_kv_store<T: Storage>(
     d: RopeKvStoreDims,
 ) -> Result<()> {
     const OP: &str = "qkv_rope_kv_store";
-    if table.head_dim != d.head_dim {
-        return Err(KernelError::shape(
-            OP,
-            "table head_dim",
-            d.head_dim,
-            table.head_dim,
-        ));
-    }
-    let q_heads = dim_i32(OP, "q_heads", d.q_heads)?;
-    let kv_heads = dim_i32(OP, "kv_heads", d.kv_heads)?;
-    let head_dim = dim_i32(OP, "head_dim", d.head_dim)?;
-    dim_i32(OP, "block_size", d.block_size)?;
     let row = (d.q_heads + 2 * d.kv_heads) * d.head_dim;
     check_len(
         OP,
@@ -174,36 +218,29 @@ pub fn qkv_rope_kv_store<T: Storage>(
         a.bias.len(),
         row,
     )?;
-    let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
-    check_len(
+    let Some(l) = Launch::prepare(
         OP,
-        "k_cache [num_blocks, block_size, kv_heads, head_dim]",
-        a.k_cache.len(),
-        cache,
-    )?;
-    check_len(
-        OP,
-        "v_cache [num_blocks, block_size, kv_heads, head_dim]",
-        a.v_cache.len(),
-        cache,
-    )?;
-    check_len(OP, "positions [tokens]", a.positions.len(), d.tokens)?;
-    check_len(OP, "slot_mapping [tokens]", a.slot_mapping.len(), d.tokens)?;
-    if d.tokens == 0 {
+        gpu,
+        table,
+        d,
+        a.k_cache,
+        a.v_cache,
+        a.positions,
+        a.slot_mapping,
+    )?
+    else {
         return Ok(());
-    }
-    let tokens = i32::try_from(d.tokens)
-        .map_err(|_| KernelError::shape(OP, "tokens", "<= 2^31 - 1", d.tokens))?;
+    };
     let f = typed_function::<T>(gpu, "rope_kv_store", "qkv_rope_kv_store")?;
-    let vec = 16 / std::mem::size_of::<T>();
-    let work = (d.tokens * (d.q_heads + 2 * d.kv_heads) * d.head_dim / 2).div_ceil(vec);
-    let blocks = work
-        .div_ceil(256)
-        .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
-    let (max_pos, num_slots) = (
-        table.max_positions as i32,
-        (d.num_blocks * d.block_size) as i64,
-    );
+    let Launch {
+        q_heads,
+        kv_heads,
+        head_dim,
+        tokens,
+        max_pos,
+        num_slots,
+        blocks,
+    } = l;
     // SAFETY: every buffer length is checked above (qkv rows of q|k|v, the
     // bias row, q_out, the caches); positions are range-checked on the
     // device before the table is read, slots outside [0, num_slots) are

@@ -13,3 +13,16 @@ pub fn gpu() -> MutexGuard<'static, Gpu> {
     .lock()
     .unwrap_or_else(|p| p.into_inner())
 }
+
+/// The f32 little-endian tensor `name` of a safetensors file (the golden
+/// tiny Qwen2's), as the engine's `WeightSource::Tensors` wants it.
+#[allow(dead_code)] // not every test file that shares this module loads weights
+pub fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Option<Vec<f32>> {
+    let v = st.tensor(name).ok()?;
+    Some(
+        v.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    )
+}

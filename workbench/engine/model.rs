@@ -686,16 +686,8 @@ where
             self.launch_forward(gpu, bucket, bucket, width)?;
             gpu.synchronize()?;
             let generation = gpu.scratch_generation();
-            let s = gpu.stream().clone();
-            s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(KernelError::driver("cuStreamBeginCapture"))?;
-            let captured = self.launch_forward(gpu, bucket, bucket, width);
-            let graph = s
-                .end_capture(CUgraphInstantiate_flags(0))
-                .map_err(KernelError::driver("cuStreamEndCapture"))?;
-            captured?;
-            let graph = graph.ok_or_else(|| {
-                ModelError::Inputs("decode graph capture produced no graph".into())
+            let graph = capture(gpu, "decode", || {
+                self.launch_forward(gpu, bucket, bucket, width)
             })?;
             if gpu.scratch_generation() != generation {
                 return Err(ModelError::Inputs(
@@ -749,18 +741,10 @@ where
         let (t, n) = (inp.tokens.len(), inp.last.len());
         self.launch_forward(gpu, t, n, inp.mbps)?; // warm-up: modules, scratch
         gpu.synchronize()?;
-        let s = gpu.stream().clone();
-        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(KernelError::driver("cuStreamBeginCapture"))?;
         let mut marks = Vec::new();
-        let captured =
-            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks), true);
-        let graph = s
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(KernelError::driver("cuStreamEndCapture"))?;
-        captured?;
-        let graph = graph
-            .ok_or_else(|| ModelError::Inputs("profile graph capture produced no graph".into()))?;
+        let graph = capture(gpu, "profile", || {
+            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks), true)
+        })?;
         graph
             .launch()
             .map_err(KernelError::driver("cuGraphLaunch"))?; // warm-up replay
@@ -1245,6 +1229,24 @@ where
         out.truncate(n);
         Ok(out)
     }
+}
+
+/// Captures the launches `f` makes on the GPU's stream as one CUDA graph
+/// (ending the capture even when `f` fails, so the stream stays usable).
+fn capture(
+    gpu: &Gpu,
+    what: &str,
+    f: impl FnOnce() -> Result<(), ModelError>,
+) -> Result<CudaGraph, ModelError> {
+    let s = gpu.stream().clone();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(KernelError::driver("cuStreamBeginCapture"))?;
+    let captured = f();
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .map_err(KernelError::driver("cuStreamEndCapture"))?;
+    captured?;
+    graph.ok_or_else(|| ModelError::Inputs(format!("{what} graph capture produced no graph")))
 }
 
 /// Per-op GPU time of repeated marked steps: each mark's label gets the
