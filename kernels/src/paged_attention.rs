@@ -240,6 +240,59 @@ fn launch_v2<T: Storage>(
         d.max_split_tokens,
         V2_TILE,
     );
+    let smem = (4 * (group * (d.head_dim + 4) + group * V2_TILE + 3 * group) + 4 * V2_TILE) as u32;
+    let f = typed_function::<T>(gpu, "paged_attention", "paged_attention_v2")?;
+    // SAFETY (for launch_split): dynamic shared memory is sized for this
+    // group and head_dim (at most ~21 KB); the kernel takes head_dim.
+    let launch = SplitLaunch {
+        symbol: "paged_attention_v2".into(),
+        threads: V2_THREADS,
+        smem,
+        head_dim_arg: true,
+        splits,
+        split_tokens,
+    };
+    launch_split(
+        gpu,
+        &f,
+        launch,
+        out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        d,
+    )
+}
+
+/// How [`launch_split`] launches one of the split-KV kernels.
+struct SplitLaunch {
+    symbol: String,
+    threads: u32,
+    smem: u32,
+    /// v2 takes head_dim as an argument; v3 has it compiled in.
+    head_dim_arg: bool,
+    splits: usize,
+    split_tokens: usize,
+}
+
+/// v2's and v3's common launch: partials in the device scratch, the
+/// (kv head, sequence, split) grid, then the merge when there are splits.
+#[allow(clippy::too_many_arguments)]
+fn launch_split<T: Storage>(
+    gpu: &Gpu,
+    f: &cudarc::driver::CudaFunction,
+    l: SplitLaunch,
+    out: &mut CudaViewMut<T>,
+    q: &CudaView<T>,
+    k_cache: &CudaView<T>,
+    v_cache: &CudaView<T>,
+    block_tables: &CudaView<i32>,
+    context_lens: &CudaView<i32>,
+    d: PagedAttentionDims,
+) -> Result<()> {
+    let splits = l.splits;
     let part_o = d.batch * d.q_heads * splits * d.head_dim;
     let part_ml = d.batch * d.q_heads * splits * 2;
     let mut scratch = gpu.scratch(4 * (part_o + part_ml))?;
@@ -255,8 +308,6 @@ fn launch_v2<T: Storage>(
         }
     })?;
     let (mut po, mut pml) = ws.split_at_mut(part_o);
-    let smem = (4 * (group * (d.head_dim + 4) + group * V2_TILE + 3 * group) + 4 * V2_TILE) as u32;
-    let f = typed_function::<T>(gpu, "paged_attention", "paged_attention_v2")?;
     let (scale, q_heads, kv_heads, head_dim) = (
         d.scale,
         d.q_heads as i32,
@@ -267,43 +318,43 @@ fn launch_v2<T: Storage>(
         d.block_size as i32,
         d.max_blocks_per_seq as i32,
         d.num_blocks as i32,
-        split_tokens as i32,
+        l.split_tokens as i32,
     );
     let grid = (
         d.kv_heads as u32,
         grid_u32(OP, "batch", d.batch)?,
         splits as u32,
     );
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(&mut *out)
+        .arg(&mut po)
+        .arg(&mut pml)
+        .arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(block_tables)
+        .arg(context_lens)
+        .arg(&scale)
+        .arg(&q_heads)
+        .arg(&kv_heads);
+    if l.head_dim_arg {
+        b.arg(&head_dim);
+    }
+    b.arg(&block_size).arg(&mbps).arg(&num_blocks).arg(&st);
     // SAFETY: lengths were checked by `paged_attention`; the workspace views
     // hold batch*q_heads*splits*(head_dim + 2) floats; context lengths and
-    // block ids are range-checked on the device as in v1; dynamic shared
-    // memory is sized for this group and head_dim (at most ~21 KB).
+    // block ids are range-checked on the device as in v1; the argument list
+    // is the kernel's (head_dim only where it takes it); the caller checked
+    // the kernel's own conditions (alignment, group, shared memory: see the
+    // SAFETY notes at v2's and v3's calls).
     unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(&mut *out)
-            .arg(&mut po)
-            .arg(&mut pml)
-            .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(block_tables)
-            .arg(context_lens)
-            .arg(&scale)
-            .arg(&q_heads)
-            .arg(&kv_heads)
-            .arg(&head_dim)
-            .arg(&block_size)
-            .arg(&mbps)
-            .arg(&num_blocks)
-            .arg(&st)
-            .launch(LaunchConfig {
-                grid_dim: grid,
-                block_dim: (V2_THREADS, 1, 1),
-                shared_mem_bytes: smem,
-            })
+        b.launch(LaunchConfig {
+            grid_dim: grid,
+            block_dim: (l.threads, 1, 1),
+            shared_mem_bytes: l.smem,
+        })
     }
-    .map_err(KernelError::driver("launch paged_attention_v2"))?;
+    .map_err(KernelError::driver(format!("launch {}", l.symbol)))?;
     if splits > 1 {
         launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
     }
@@ -437,70 +488,31 @@ fn launch_v3<T: Storage>(
         d.max_split_tokens,
         V3_TILE,
     );
-    let part_o = d.batch * d.q_heads * splits * d.head_dim;
-    let part_ml = d.batch * d.q_heads * splits * 2;
-    let mut scratch = gpu.scratch(4 * (part_o + part_ml))?;
-    let buf = scratch.as_mut().ok_or_else(|| KernelError::Unsupported {
-        op: OP,
-        what: "scratch buffer missing".into(),
-    })?;
-    // SAFETY: the scratch holds at least 4 * (part_o + part_ml) bytes (sized above).
-    let mut ws = unsafe { buf.transmute_mut::<f32>(part_o + part_ml) }.ok_or_else(|| {
-        KernelError::Unsupported {
-            op: OP,
-            what: "scratch too small".into(),
-        }
-    })?;
-    let (mut po, mut pml) = ws.split_at_mut(part_o);
-    let (scale, q_heads, kv_heads) = (d.scale, d.q_heads as i32, d.kv_heads as i32);
-    let (block_size, mbps, num_blocks, st) = (
-        d.block_size as i32,
-        d.max_blocks_per_seq as i32,
-        d.num_blocks as i32,
-        split_tokens as i32,
-    );
-    let grid = (
-        d.kv_heads as u32,
-        grid_u32(OP, "batch", d.batch)?,
-        splits as u32,
-    );
-    // SAFETY: lengths were checked by `paged_attention`; q, out and both
-    // caches are 16-byte aligned (checked above) and head_dim is a multiple of
-    // 16, so every cp.async row piece, q pair and out quad is aligned; the
-    // group is at most 16 (the mma's rows); the workspace views hold
-    // batch*q_heads*splits*(head_dim + 2) floats; context lengths and block
-    // ids are range-checked on the device as in v1 (a bad one gives NaN and
-    // is never dereferenced); the dynamic shared memory is the kernel's ring
-    // size for this head_dim, opted into above.
-    unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(&mut *out)
-            .arg(&mut po)
-            .arg(&mut pml)
-            .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(block_tables)
-            .arg(context_lens)
-            .arg(&scale)
-            .arg(&q_heads)
-            .arg(&kv_heads)
-            .arg(&block_size)
-            .arg(&mbps)
-            .arg(&num_blocks)
-            .arg(&st)
-            .launch(LaunchConfig {
-                grid_dim: grid,
-                block_dim: (V3_THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            })
-    }
-    .map_err(KernelError::driver(format!("launch {symbol}")))?;
-    if splits > 1 {
-        launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
-    }
-    Ok(())
+    // SAFETY (for launch_split): q, out and both caches are 16-byte aligned
+    // (checked above) and head_dim is a multiple of 16, so every cp.async
+    // row piece, q pair and out quad is aligned; the group is at most 16 (the
+    // mma's rows); the dynamic shared memory is the kernel's ring size for
+    // this head_dim, opted into above.
+    let launch = SplitLaunch {
+        symbol: symbol.clone(),
+        threads: V3_THREADS,
+        smem: smem as u32,
+        head_dim_arg: false,
+        splits,
+        split_tokens,
+    };
+    launch_split(
+        gpu,
+        &f,
+        launch,
+        out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        d,
+    )
 }
 
 #[cfg(test)]
