@@ -149,8 +149,9 @@ __device__ void sample_rows_impl(int* __restrict__ out, const T* __restrict__ lo
     }
 WB_FOR_EACH_DTYPE(WB_SAMPLE)
 
-// split_qkv_bias_*: the engine's fused q|k|v projection output qkv [rows,
-// qd + 2kd] (one GEMM) plus its bias [qd + 2kd], split into contiguous
+// split_qkv_bias_*: a fused q|k|v projection output qkv [rows, qd + 2kd]
+// plus its bias [qd + 2kd] (the reference half of qkv_rope_kv_store's
+// bit-identity test; the engine uses the fused kernel), split into contiguous
 // q [rows, qd], k [rows, kd], v [rows, kd]. The GEMM's output is already
 // rounded to T; the bias is added in f32 and rounded once. Grid-stride over
 // rows x (qd + 2kd), one element per thread and step.

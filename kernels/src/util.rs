@@ -157,7 +157,10 @@ pub fn sample_rows<T: Storage>(
 }
 
 /// q [rows, qd], k [rows, kd], v [rows, kd] = split(qkv [rows, qd + 2kd] +
-/// bias [qd + 2kd]): the bias add and split after the fused q|k|v GEMM.
+/// bias [qd + 2kd]). The engine no longer calls it: `qkv_rope_kv_store`
+/// does the same bias add inside its pass. It stays as the first half of the
+/// two-kernel path that `tests/rope_kv_store_fused.rs` holds the fused
+/// kernel bit-identical to.
 #[allow(clippy::too_many_arguments)]
 pub fn split_qkv_bias<T: Storage>(
     gpu: &Gpu,
