@@ -48,6 +48,7 @@ fn config(num_blocks: usize) -> EngineConfig {
         num_blocks: Some(num_blocks),
         cuda_graphs: true,
         decode_split_tokens: 0,
+        fused_decode_qkv: true,
         gemm: Default::default(),
     }
 }

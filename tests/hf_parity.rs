@@ -368,6 +368,7 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         num_blocks: Some(64),
         cuda_graphs: false,
         decode_split_tokens: 16,
+        fused_decode_qkv: true,
         gemm: Default::default(),
     };
     // Batch 1: one sequence at a time.

@@ -93,7 +93,7 @@ where
     let ops = engine.model.profile_step_graph(gpu, &step.input(), 20)?;
     Ok(ops
         .iter()
-        .find(|(l, _)| *l == "paged_attention")
+        .find(|(l, _)| *l == crate::engine::model::DECODE_ATTENTION)
         .map(|&(_, us)| us))
 }
 

@@ -764,6 +764,7 @@ pub fn engine_config(
         num_blocks: None,
         cuda_graphs,
         decode_split_tokens: 0,
+        fused_decode_qkv: true,
         gemm: Default::default(),
     })
 }

@@ -86,6 +86,10 @@ struct E2eArgs {
     /// attention time on the default workload, CHALLENGES #12).
     #[arg(long, default_value_t = 0)]
     decode_split_tokens: usize,
+    /// Run decode with the separate qkv_rope_kv_store launch before attention
+    /// (the path before v3f; bit-identical results, one launch more per layer).
+    #[arg(long)]
+    unfused_decode_qkv: bool,
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
@@ -588,6 +592,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         num_blocks: a.num_blocks,
         cuda_graphs: !a.eager,
         decode_split_tokens: a.decode_split_tokens,
+        fused_decode_qkv: !a.unfused_decode_qkv,
         gemm: a.gemm,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());

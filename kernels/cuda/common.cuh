@@ -48,6 +48,45 @@ __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }
 
+// RoPE (rotate-half) on one 16-byte chunk: a holds x[i..i+N), b holds
+// x[half+i..half+i+N) of one head; cs is the position's row of the
+// [max_positions, head_dim] f32 table (cos in the first half, sin in the
+// second). An invalid position gives NaN. Used by rope_kv_store.cu and by the
+// fused decode attention, which must round exactly alike.
+template <typename T>
+__device__ __forceinline__ void rotate_chunk(Vec16<T>& a, Vec16<T>& b, const float* cs, int i, int half,
+                                             bool valid) {
+    constexpr int N = Vec16<T>::N;
+    if (!valid) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) a.v[j] = b.v[j] = from_f32<T>(WB_NAN);
+        return;
+    }
+    float cv[N], sv[N];
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+        *reinterpret_cast<float4*>(cv + j) = *reinterpret_cast<const float4*>(cs + i + j);
+        *reinterpret_cast<float4*>(sv + j) = *reinterpret_cast<const float4*>(cs + half + i + j);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const float x1 = to_f32(a.v[j]), x2 = to_f32(b.v[j]);
+        a.v[j] = from_f32<T>(x1 * cv[j] - x2 * sv[j]);
+        b.v[j] = from_f32<T>(x2 * cv[j] + x1 * sv[j]);
+    }
+}
+
+// Adds a bias vector to a 16-byte vector, in f32, rounded once to T (as
+// split_qkv_bias does); no-op without a bias.
+template <typename T>
+__device__ __forceinline__ Vec16<T> add_bias16(Vec16<T> x, const T* b) {
+    if (b == nullptr) return x;
+    const Vec16<T> y = load16(b);
+#pragma unroll
+    for (int j = 0; j < Vec16<T>::N; ++j) x.v[j] = from_f32<T>(to_f32(x.v[j]) + to_f32(y.v[j]));
+    return x;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -530,14 +530,39 @@ template <> struct Pa3Mma<__half> {
 // Four storage elements: one 8-byte store of the output.
 template <typename T> struct alignas(8) Pa3Out4 { T v[4]; };
 
-template <typename T, int D>
+// The fused prologue's extra inputs (v3f; unused by plain v3): the
+// projection's bias [(q_heads + 2 kv_heads) * D], the new token's position
+// [batch] i32 and cache slot [batch] i64 (negative or >= num_slots: not
+// stored), and the RoPE table [max_positions, D] f32.
+template <typename T> struct Pa3Fuse {
+    const T* bias;
+    const int* positions;
+    const float* cos_sin;
+    const i64* slot_mapping;
+    int max_positions;
+    i64 num_slots;
+};
+
+// FUSED (v3f): q is the engine's projection row qkv [batch, (q_heads +
+// 2 kv_heads) * D] before bias and RoPE. The block adds the bias to its
+// group's q heads and rotates them (rotate_chunk, the roundings of
+// qkv_rope_kv_store) into shared memory, and the block whose split holds
+// the new token n - 1 (split 0 when the context is bad) also writes that
+// token's k (biased, rotated) and v (biased) into the caches at its slot,
+// before its ring reads the cache: out and the caches come out
+// bit-identical to qkv_rope_kv_store followed by v3, with one launch fewer.
+// Each (sequence, kv head) writes only its own kv head's slice of its own
+// slot, so blocks never wait on each other; the engine never points a
+// sequence's new slot at a block another sequence reads.
+template <typename T, int D, bool FUSED>
 __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__ part_o,
                                         float* __restrict__ part_ml, const T* __restrict__ q,
-                                        const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                                        T* __restrict__ k_cache, T* __restrict__ v_cache,
                                         const int* __restrict__ block_tables,
                                         const int* __restrict__ context_lens, float scale,
                                         int q_heads, int kv_heads, int block_size,
-                                        int max_blocks_per_seq, int num_blocks, int split_tokens) {
+                                        int max_blocks_per_seq, int num_blocks, int split_tokens,
+                                        Pa3Fuse<T> fz) {
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
     // [warps][STAGES][K rows | V rows][16][D + 8] storage elements; after the
@@ -567,11 +592,60 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
     const float cl2 = scale * PA3_LOG2E;  // scores in log2 units: exp2 below
     if (threadIdx.x == 0) s_bad = !ctx_ok;
 
+    // v3f: the group's q rows, biased and rotated, go to the ring (unused
+    // until the pipeline starts) as [G][D]; the new token's k and v go to
+    // the caches. Work items: G * D/2N q chunks, D/2N k chunks, D/N v pieces.
+    const T* q_rows = q + ((i64)b * q_heads + (i64)kvh * G) * D;
+    if constexpr (FUSED) {
+        constexpr int N = Vec16<T>::N, HALF = D / 2, HC = HALF / N;
+        static_assert(HALF % N == 0, "v3f needs head_dim / 2 a multiple of the 16-byte vector");
+        const i64 qkv_row = (i64)(q_heads + 2 * kv_heads) * D;
+        const T* src = q + (i64)b * qkv_row;
+        const int pos = fz.positions[b];
+        const bool pvalid = pos >= 0 && pos < fz.max_positions;
+        const float* cs = fz.cos_sin + (i64)(pvalid ? pos : 0) * D;
+        const bool owner = (ctx_ok && n >= 1) ? (start <= n - 1 && n - 1 < end) : split == 0;
+        const i64 slot = owner ? fz.slot_mapping[b] : -1;
+        const bool store = slot >= 0 && slot < fz.num_slots;
+        T* sq = reinterpret_cast<T*>(pa3_smem);
+        const int items = G * HC + (store ? HC + D / N : 0);
+        for (int it = threadIdx.x; it < items; it += PA3_WARPS * 32) {
+            if (it < G * HC) {
+                const int h = it / HC, i = (it - h * HC) * N;
+                const int col = (kvh * G + h) * D;
+                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
+                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
+                rotate_chunk(a, c2, cs, i, HALF, pvalid);
+                store16(sq + h * D + i, a);
+                store16(sq + h * D + HALF + i, c2);
+            } else if (it < (G + 1) * HC) {
+                const int i = (it - G * HC) * N;
+                const int col = q_heads * D + kvh * D;
+                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
+                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
+                rotate_chunk(a, c2, cs, i, HALF, pvalid);
+                T* dst = k_cache + slot * (i64)kv_heads * D + kvh * D;
+                store16(dst + i, a);
+                store16(dst + HALF + i, c2);
+            } else {
+                const int j = (it - (G + 1) * HC) * N;
+                const int col = (q_heads + kv_heads) * D + kvh * D;
+                store16(v_cache + slot * (i64)kv_heads * D + kvh * D + j,
+                        add_bias16(load16(src + col + j), fz.bias + col + j));
+            }
+        }
+        // The rotated q is read below, and the new token's row by this
+        // block's cp.async copies (which read through L2, where the stores
+        // went): the barrier orders both.
+        __syncthreads();
+        q_rows = sq;
+    }
+
     // Q as the A operand, rows >= G zero (their scores are 0 or -inf, never
     // NaN, and they are never written out).
     unsigned qa[C::KSTEPS][4];
     {
-        const T* q0 = q + ((i64)b * q_heads + (i64)kvh * G) * D;
+        const T* q0 = q_rows;
         const unsigned* r0 = reinterpret_cast<const unsigned*>(q0 + g * D + 2 * c);
         const unsigned* r1 = reinterpret_cast<const unsigned*>(q0 + (g + 8) * D + 2 * c);
         const bool h0 = g < G, h1 = g + 8 < G;
@@ -583,6 +657,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
             qa[kk][3] = h1 ? r1[kk * 8 + 4] : 0u;  // Q[g+8][16kk + 8 + 2c..]
         }
     }
+    if constexpr (FUSED) __syncthreads();  // every warp has its q before the ring is refilled
 
     const unsigned ring =
         pa3_smem_addr(pa3_smem) + (unsigned)(warp * C::STAGES * C::STAGE_ELEMS * 2);
@@ -806,7 +881,8 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
 }
 
 // One entry point per (head_dim, 16-bit storage type):
-// paged_attention_v3_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
+// paged_attention_v3_d{D}_{bf16,f16}, and the fused prologue's
+// paged_attention_v3f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
 // register budget must allow (the ring of a d128 block is 102 KiB).
 #define WB_PAGED_ATTENTION_V3(T, S, D)                                                           \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
@@ -815,9 +891,22 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
                                       const int* block_tables, const int* context_lens,          \
                                       float scale, int q_heads, int kv_heads, int block_size,    \
                                       int max_blocks_per_seq, int num_blocks, int split_tokens) { \
-        paged_attention_v3_impl<T, D>(out, part_o, part_ml, q, k_cache, v_cache, block_tables,   \
-                                      context_lens, scale, q_heads, kv_heads, block_size,        \
-                                      max_blocks_per_seq, num_blocks, split_tokens);             \
+        paged_attention_v3_impl<T, D, false>(                                                    \
+            out, part_o, part_ml, q, const_cast<T*>(k_cache), const_cast<T*>(v_cache),           \
+            block_tables, context_lens, scale, q_heads, kv_heads, block_size,                    \
+            max_blocks_per_seq, num_blocks, split_tokens, Pa3Fuse<T>{});                         \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
+        paged_attention_v3f_d##D##_##S(                                                          \
+            T* out, float* part_o, float* part_ml, const T* qkv, T* k_cache, T* v_cache,         \
+            const int* block_tables, const int* context_lens, float scale, int q_heads,          \
+            int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks,                \
+            int split_tokens, const T* bias, const int* positions, const float* cos_sin,         \
+            const i64* slot_mapping, int max_positions, i64 num_slots) {                         \
+        paged_attention_v3_impl<T, D, true>(                                                     \
+            out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
+            q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
+            Pa3Fuse<T>{bias, positions, cos_sin, slot_mapping, max_positions, num_slots});       \
     }
 #define WB_PAGED_ATTENTION_V3_DIMS(T, S) \
     WB_PAGED_ATTENTION_V3(T, S, 32)      \

@@ -18,39 +18,8 @@
 // cos/sin, then (token, 16-byte vector of v). A scalar loop covers head dims
 // whose half is not a multiple of the vector width.
 
-template <typename T>
-__device__ __forceinline__ void rotate_chunk(Vec16<T>& a, Vec16<T>& b, const float* cs, int i, int half,
-                                             bool valid) {
-    constexpr int N = Vec16<T>::N;
-    if (!valid) {
-#pragma unroll
-        for (int j = 0; j < N; ++j) a.v[j] = b.v[j] = from_f32<T>(WB_NAN);
-        return;
-    }
-    float cv[N], sv[N];
-#pragma unroll
-    for (int j = 0; j < N; j += 4) {
-        *reinterpret_cast<float4*>(cv + j) = *reinterpret_cast<const float4*>(cs + i + j);
-        *reinterpret_cast<float4*>(sv + j) = *reinterpret_cast<const float4*>(cs + half + i + j);
-    }
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-        const float x1 = to_f32(a.v[j]), x2 = to_f32(b.v[j]);
-        a.v[j] = from_f32<T>(x1 * cv[j] - x2 * sv[j]);
-        b.v[j] = from_f32<T>(x2 * cv[j] + x1 * sv[j]);
-    }
-}
-
-// Adds a bias vector to a 16-byte vector, in f32, rounded once to T (as
-// split_qkv_bias does); no-op without a bias.
-template <typename T>
-__device__ __forceinline__ Vec16<T> add_bias16(Vec16<T> x, const T* b) {
-    if (b == nullptr) return x;
-    const Vec16<T> y = load16(b);
-#pragma unroll
-    for (int j = 0; j < Vec16<T>::N; ++j) x.v[j] = from_f32<T>(to_f32(x.v[j]) + to_f32(y.v[j]));
-    return x;
-}
+// rotate_chunk and add_bias16 live in common.cuh: the fused decode attention
+// (paged_attention.cu, v3f) applies the same roundings.
 
 template <typename T>
 __device__ __forceinline__ float biased(const T* x, const T* b, int i) {

@@ -5,6 +5,7 @@ use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
 use crate::launch::{cfg, grid_u32, typed_function};
+use crate::rope::RopeTable;
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
 
@@ -252,18 +253,12 @@ fn launch_v2<T: Storage>(
         splits,
         split_tokens,
     };
-    launch_split(
-        gpu,
-        &f,
-        launch,
-        out,
+    let inputs = Inputs::Plain {
         q,
         k_cache,
         v_cache,
-        block_tables,
-        context_lens,
-        d,
-    )
+    };
+    launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
 
 /// How [`launch_split`] launches one of the split-KV kernels.
@@ -277,6 +272,20 @@ struct SplitLaunch {
     split_tokens: usize,
 }
 
+/// What the split kernel reads: q and read-only caches (v2, v3), or v3f's
+/// projection row, writable caches and the fused prologue's inputs.
+enum Inputs<'a, 'b, T> {
+    Plain {
+        q: &'a CudaView<'b, T>,
+        k_cache: &'a CudaView<'b, T>,
+        v_cache: &'a CudaView<'b, T>,
+    },
+    Fused {
+        a: FusedQkv<'a, 'b, T>,
+        rope: &'a RopeTable,
+    },
+}
+
 /// v2's and v3's common launch: partials in the device scratch, the
 /// (kv head, sequence, split) grid, then the merge when there are splits.
 #[allow(clippy::too_many_arguments)]
@@ -285,9 +294,7 @@ fn launch_split<T: Storage>(
     f: &cudarc::driver::CudaFunction,
     l: SplitLaunch,
     out: &mut CudaViewMut<T>,
-    q: &CudaView<T>,
-    k_cache: &CudaView<T>,
-    v_cache: &CudaView<T>,
+    inputs: Inputs<'_, '_, T>,
     block_tables: &CudaView<i32>,
     context_lens: &CudaView<i32>,
     d: PagedAttentionDims,
@@ -326,13 +333,29 @@ fn launch_split<T: Storage>(
         splits as u32,
     );
     let mut b = gpu.stream().launch_builder(f);
-    b.arg(&mut *out)
-        .arg(&mut po)
-        .arg(&mut pml)
-        .arg(q)
-        .arg(k_cache)
-        .arg(v_cache)
-        .arg(block_tables)
+    b.arg(&mut *out).arg(&mut po).arg(&mut pml);
+    let (max_pos, num_slots) = match &inputs {
+        Inputs::Fused { rope, .. } => (
+            rope.max_positions as i32,
+            (d.num_blocks * d.block_size) as i64,
+        ),
+        Inputs::Plain { .. } => (0, 0),
+    };
+    let fused = match inputs {
+        Inputs::Plain {
+            q,
+            k_cache,
+            v_cache,
+        } => {
+            b.arg(q).arg(k_cache).arg(v_cache);
+            None
+        }
+        Inputs::Fused { a, rope } => {
+            b.arg(a.qkv).arg(a.k_cache).arg(a.v_cache);
+            Some((a.bias, a.positions, a.slot_mapping, rope))
+        }
+    };
+    b.arg(block_tables)
         .arg(context_lens)
         .arg(&scale)
         .arg(&q_heads)
@@ -341,11 +364,21 @@ fn launch_split<T: Storage>(
         b.arg(&head_dim);
     }
     b.arg(&block_size).arg(&mbps).arg(&num_blocks).arg(&st);
-    // SAFETY: lengths were checked by `paged_attention`; the workspace views
-    // hold batch*q_heads*splits*(head_dim + 2) floats; context lengths and
-    // block ids are range-checked on the device as in v1; the argument list
-    // is the kernel's (head_dim only where it takes it); the caller checked
-    // the kernel's own conditions (alignment, group, shared memory: see the
+    if let Some((bias, positions, slot_mapping, rope)) = fused {
+        b.arg(bias)
+            .arg(positions)
+            .arg(&rope.data)
+            .arg(slot_mapping)
+            .arg(&max_pos)
+            .arg(&num_slots);
+    }
+    // SAFETY: lengths were checked by `paged_attention` (or
+    // `paged_attention_fused_qkv`); the workspace views hold
+    // batch*q_heads*splits*(head_dim + 2) floats; context lengths and block
+    // ids are range-checked on the device as in v1, and v3f's positions and
+    // slots too; the argument list is the kernel's (head_dim only where it
+    // takes it, v3f's inputs after split_tokens); the caller checked the
+    // kernel's own conditions (alignment, group, shared memory: see the
     // SAFETY notes at v2's and v3's calls).
     unsafe {
         b.launch(LaunchConfig {
@@ -456,6 +489,22 @@ fn launch_v3<T: Storage>(
         );
     }
     let symbol = format!("paged_attention_v3_d{}", d.head_dim);
+    let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
+    let inputs = Inputs::Plain {
+        q,
+        k_cache,
+        v_cache,
+    };
+    launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
+}
+
+/// v3's (and v3f's) function, shared memory opt-in and split plan for
+/// `symbol` (`paged_attention_v3{,f}_d{head_dim}`).
+fn v3_plan<T: Storage>(
+    gpu: &Gpu,
+    symbol: String,
+    d: PagedAttentionDims,
+) -> Result<(cudarc::driver::CudaFunction, SplitLaunch)> {
     let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
     let smem = v3_smem_bytes(d.head_dim);
     // More than the default 48 KiB of dynamic shared memory must be opted into.
@@ -488,31 +537,161 @@ fn launch_v3<T: Storage>(
         d.max_split_tokens,
         V3_TILE,
     );
-    // SAFETY (for launch_split): q, out and both caches are 16-byte aligned
-    // (checked above) and head_dim is a multiple of 16, so every cp.async
-    // row piece, q pair and out quad is aligned; the group is at most 16 (the
-    // mma's rows); the dynamic shared memory is the kernel's ring size for
-    // this head_dim, opted into above.
+    // SAFETY (for launch_split): the callers checked that q (or qkv), out
+    // and both caches are 16-byte aligned and head_dim a multiple of 16, so
+    // every cp.async row piece, q pair and out quad is aligned; the group is
+    // at most 16 (the mma's rows); the dynamic shared memory is the kernel's
+    // ring size for this head_dim, opted into above.
     let launch = SplitLaunch {
-        symbol: symbol.clone(),
+        symbol,
         threads: V3_THREADS,
         smem: smem as u32,
         head_dim_arg: false,
         splits,
         split_tokens,
     };
-    launch_split(
-        gpu,
-        &f,
-        launch,
-        out,
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        d,
-    )
+    Ok((f, launch))
+}
+
+/// v3f's inputs: the engine's fused projection before bias and RoPE, and the
+/// caches it writes the new token into.
+pub struct FusedQkv<'a, 'b, T> {
+    /// [batch, (q_heads + 2 kv_heads) * head_dim]: q | k | v of the new token.
+    pub qkv: &'a CudaView<'b, T>,
+    /// [(q_heads + 2 kv_heads) * head_dim].
+    pub bias: &'a CudaView<'b, T>,
+    /// [num_blocks, block_size, kv_heads, head_dim] each.
+    pub k_cache: &'a mut CudaViewMut<'b, T>,
+    pub v_cache: &'a mut CudaViewMut<'b, T>,
+    /// [batch] i32: the new token's position (its RoPE row).
+    pub positions: &'a CudaView<'b, i32>,
+    /// [batch] i64: the new token's cache slot; negative = not stored.
+    pub slot_mapping: &'a CudaView<'b, i64>,
+}
+
+/// True when [`paged_attention_fused_qkv`] takes this storage type and
+/// head_dim (v3's: bf16 or f16, a compiled head_dim).
+pub fn fused_qkv_supported(dtype: crate::dtype::DType, head_dim: usize) -> bool {
+    dtype != crate::dtype::DType::F32 && V3_HEAD_DIMS.contains(&head_dim)
+}
+
+/// Decode attention straight from the fused projection (v3f, the engine's
+/// decode path): the same result, bit for bit, as
+/// `rope_kv_store::qkv_rope_kv_store` (bias, RoPE, store of the new token)
+/// followed by `paged_attention` v3, in one launch instead of two (the
+/// rotated q is never written out). context_lens[b] counts the new token,
+/// whose slot must be the one the block table gives for token
+/// context_lens[b] - 1 of sequence b.
+pub fn paged_attention_fused_qkv<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    a: FusedQkv<'_, '_, T>,
+    block_tables: &CudaView<i32>,
+    context_lens: &CudaView<i32>,
+    rope: &RopeTable,
+    d: PagedAttentionDims,
+) -> Result<()> {
+    const F: &str = "paged_attention v3f";
+    d.validate()?;
+    if !fused_qkv_supported(T::DTYPE, d.head_dim) {
+        return Err(KernelError::Unsupported {
+            op: F,
+            what: format!(
+                "{:?} storage with head_dim {} (v3f: bf16 or f16, head_dim one of {V3_HEAD_DIMS:?})",
+                T::DTYPE,
+                d.head_dim
+            ),
+        });
+    }
+    let group = d.q_heads / d.kv_heads;
+    if group > V3_MAX_GROUP {
+        return Err(KernelError::Unsupported {
+            op: F,
+            what: format!("group {group} (at most {V3_MAX_GROUP})"),
+        });
+    }
+    if rope.head_dim != d.head_dim {
+        return Err(KernelError::shape(
+            F,
+            "rope table head_dim",
+            d.head_dim,
+            rope.head_dim,
+        ));
+    }
+    for (what, v) in [
+        ("q_heads", d.q_heads),
+        ("kv_heads", d.kv_heads),
+        ("block_size", d.block_size),
+        ("num_blocks", d.num_blocks),
+        ("max_blocks_per_seq", d.max_blocks_per_seq),
+    ] {
+        dim_i32(F, what, v)?;
+    }
+    let row = (d.q_heads + 2 * d.kv_heads) * d.head_dim;
+    check_len(
+        F,
+        "qkv [batch, (q_heads + 2 kv_heads) * head_dim]",
+        a.qkv.len(),
+        d.batch * row,
+    )?;
+    check_len(
+        F,
+        "bias [(q_heads + 2 kv_heads) * head_dim]",
+        a.bias.len(),
+        row,
+    )?;
+    check_len(
+        F,
+        "out [batch, q_heads, head_dim]",
+        out.len(),
+        d.batch * d.q_heads * d.head_dim,
+    )?;
+    let cache = d.num_blocks * d.block_size * d.kv_heads * d.head_dim;
+    check_len(
+        F,
+        "k_cache [num_blocks, block_size, kv_heads, head_dim]",
+        a.k_cache.len(),
+        cache,
+    )?;
+    check_len(
+        F,
+        "v_cache [num_blocks, block_size, kv_heads, head_dim]",
+        a.v_cache.len(),
+        cache,
+    )?;
+    check_len(
+        F,
+        "block_tables [batch, max_blocks_per_seq]",
+        block_tables.len(),
+        d.batch * d.max_blocks_per_seq,
+    )?;
+    check_len(F, "context_lens [batch]", context_lens.len(), d.batch)?;
+    check_len(F, "positions [batch]", a.positions.len(), d.batch)?;
+    check_len(F, "slot_mapping [batch]", a.slot_mapping.len(), d.batch)?;
+    if d.batch == 0 {
+        return Ok(());
+    }
+    let s = gpu.stream();
+    let aligned = [
+        out.device_ptr(s).0,
+        a.qkv.device_ptr(s).0,
+        a.bias.device_ptr(s).0,
+        a.k_cache.device_ptr(s).0,
+        a.v_cache.device_ptr(s).0,
+        rope.data.device_ptr(s).0,
+    ]
+    .iter()
+    .all(|p| p % 16 == 0);
+    if !aligned {
+        return Err(KernelError::Unsupported {
+            op: F,
+            what: "a buffer that is not 16-byte aligned (a view at an odd offset)".into(),
+        });
+    }
+    let symbol = format!("paged_attention_v3f_d{}", d.head_dim);
+    let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
+    let inputs = Inputs::Fused { a, rope };
+    launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use cudarc::cublas::{CudaBlas, Gemm};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView, CudaViewMut};
 use kernels::linear_lt::LtLinear;
-use kernels::paged_attention::PagedAttentionDims;
+use kernels::paged_attention::{FusedQkv, PagedAttentionDims};
 use kernels::prefill_attention::PrefillAttentionDims;
 use kernels::rmsnorm::RmsNormDims;
 use kernels::rope::RopeTable;
@@ -38,6 +38,10 @@ use std::collections::HashMap;
 use thiserror::Error;
 
 pub const BLOCK_SIZE: usize = 16;
+
+/// The breakdown's label of decode attention (with v3f it includes the
+/// fused bias, RoPE and store of the new token).
+pub const DECODE_ATTENTION: &str = "paged_attention";
 
 #[derive(Debug, Error)]
 pub enum ModelError {
@@ -196,6 +200,11 @@ pub struct GpuModel<T> {
     /// on the e2e workload the merge a cap adds cost more than the balance
     /// gained (CHALLENGES #12), so it stays off unless asked for.
     pub decode_split_tokens: usize,
+    /// Decode attention reads the fused projection itself (v3f: bias, RoPE
+    /// and the new token's store in its prologue) instead of a separate
+    /// `qkv_rope_kv_store` launch. Bit-identical either way; on by default
+    /// where v3f exists (bf16/f16 and a compiled head_dim).
+    pub fused_decode_qkv: bool,
     /// The linear layers' GEMM path (see [`GemmBackend`]); set with
     /// [`GpuModel::set_gemm`]. Declared after `graphs`, so it is dropped
     /// after the graphs that captured its workspace.
@@ -448,6 +457,7 @@ where
             graphs: HashMap::new(),
             lt: None,
             decode_split_tokens: 0,
+            fused_decode_qkv: true,
             prefill_kernel: T::DTYPE != kernels::DType::F32
                 && kernels::prefill_attention::HEAD_DIMS
                     .iter()
@@ -872,6 +882,8 @@ where
         let (qd, kd) = (qh * d, kvh * d);
         let vocab = c.vocab_size;
         let split_cap = self.decode_split_tokens;
+        let fuse_qkv = self.fused_decode_qkv
+            && kernels::paged_attention::fused_qkv_supported(T::DTYPE, c.head_dim);
         let GpuModel {
             layers,
             ws,
@@ -933,28 +945,33 @@ where
                 h,
                 nqkv,
             )?;
-            mark("qkv bias + rope + kv store")?;
-            kernels::rope_kv_store::qkv_rope_kv_store(
-                gpu,
-                QkvRopeKvStoreArgs {
-                    q_out: &mut ws.q.slice_mut(..t * qd),
-                    qkv: &ws.qkv.slice(..t * nqkv),
-                    bias: &w.qkv_b.slice(..),
-                    k_cache: &mut w.k_cache.slice_mut(..),
-                    v_cache: &mut w.v_cache.slice_mut(..),
-                    positions: &ws.pos.slice(..t),
-                    slot_mapping: &ws.slots.slice(..t),
-                },
-                rope,
-                RopeKvStoreDims {
-                    tokens: t,
-                    q_heads: qh,
-                    kv_heads: kvh,
-                    head_dim: d,
-                    block_size: BLOCK_SIZE,
-                    num_blocks,
-                },
-            )?;
+            // Decode with v3f: attention adds the bias, rotates and stores
+            // the new token itself (one launch fewer per layer).
+            let fused = seqs.is_none() && fuse_qkv;
+            if !fused {
+                mark("qkv bias + rope + kv store")?;
+                kernels::rope_kv_store::qkv_rope_kv_store(
+                    gpu,
+                    QkvRopeKvStoreArgs {
+                        q_out: &mut ws.q.slice_mut(..t * qd),
+                        qkv: &ws.qkv.slice(..t * nqkv),
+                        bias: &w.qkv_b.slice(..),
+                        k_cache: &mut w.k_cache.slice_mut(..),
+                        v_cache: &mut w.v_cache.slice_mut(..),
+                        positions: &ws.pos.slice(..t),
+                        slot_mapping: &ws.slots.slice(..t),
+                    },
+                    rope,
+                    RopeKvStoreDims {
+                        tokens: t,
+                        q_heads: qh,
+                        kv_heads: kvh,
+                        head_dim: d,
+                        block_size: BLOCK_SIZE,
+                        num_blocks,
+                    },
+                )?;
+            }
             let pad = PagedAttentionDims {
                 batch: t,
                 q_heads: qh,
@@ -991,8 +1008,26 @@ where
                     },
                     kernels::prefill_attention::PRODUCTION,
                 )?;
+            } else if fused {
+                mark(DECODE_ATTENTION)?;
+                kernels::paged_attention::paged_attention_fused_qkv(
+                    gpu,
+                    &mut ws.attn.slice_mut(..t * qd),
+                    FusedQkv {
+                        qkv: &ws.qkv.slice(..t * nqkv),
+                        bias: &w.qkv_b.slice(..),
+                        k_cache: &mut w.k_cache.slice_mut(..),
+                        v_cache: &mut w.v_cache.slice_mut(..),
+                        positions: &ws.pos.slice(..t),
+                        slot_mapping: &ws.slots.slice(..t),
+                    },
+                    &ws.tables.slice(..t * mbps),
+                    &ws.lens.slice(..t),
+                    rope,
+                    pad,
+                )?;
             } else {
-                mark("paged_attention")?;
+                mark(DECODE_ATTENTION)?;
                 kernels::paged_attention::paged_attention(
                     gpu,
                     &mut ws.attn.slice_mut(..t * qd),

@@ -69,6 +69,9 @@ pub struct EngineConfig {
     /// Most tokens one split of decode attention covers (0: no cap); see
     /// `GpuModel::decode_split_tokens`.
     pub decode_split_tokens: usize,
+    /// Decode attention with the fused bias + RoPE + store prologue (v3f);
+    /// see `GpuModel::fused_decode_qkv`.
+    pub fused_decode_qkv: bool,
     /// The linear layers' GEMM path.
     pub gemm: GemmBackend,
 }
@@ -83,6 +86,7 @@ impl Default for EngineConfig {
             num_blocks: None,
             cuda_graphs: true,
             decode_split_tokens: 0,
+            fused_decode_qkv: true,
             gemm: GemmBackend::default(),
         }
     }
@@ -200,6 +204,7 @@ where
         })?;
         let mut model = GpuModel::build(gpu, cfg, src, limits)?;
         model.decode_split_tokens = ec.decode_split_tokens;
+        model.fused_decode_qkv = ec.fused_decode_qkv;
         model.set_gemm(gpu, ec.gemm)?;
         Ok(Self {
             model,
