@@ -49,6 +49,7 @@ fn config(num_blocks: usize) -> EngineConfig {
         cuda_graphs: true,
         decode_split_tokens: 0,
         fused_decode_qkv: true,
+        decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
     }
 }

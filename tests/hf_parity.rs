@@ -369,6 +369,7 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         cuda_graphs: false,
         decode_split_tokens: 16,
         fused_decode_qkv: true,
+        decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
     };
     // Batch 1: one sequence at a time.

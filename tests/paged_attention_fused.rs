@@ -1,7 +1,7 @@
-//! `paged_attention_fused_qkv` (v3f, kernels/cuda/paged_attention.cu), the
-//! engine's decode attention straight from its q|k|v projection, must be
+//! `paged_attention_fused_qkv` (v3f and v5f, kernels/cuda/paged_attention.cu),
+//! the engine's decode attention straight from its q|k|v projection, must be
 //! bit-identical to the two launches it replaces: `qkv_rope_kv_store` (bias,
-//! RoPE, store of the new token) then `paged_attention` v3, each checked
+//! RoPE, store of the new token) then `paged_attention` v3 or v5, each checked
 //! against its f64 CPU reference by `workbench check` and the GPU
 //! proptests. Same output bits and same cache bits, over ragged contexts
 //! around the block edges, long ones that split, a split cap, block sizes
@@ -42,6 +42,12 @@ fn bits<T: Storage>(v: &[T]) -> Vec<u64> {
 }
 
 fn run<T: Storage>(gpu: &Gpu, seed: u64) {
+    for variant in ["v3", "v5"] {
+        run_variant::<T>(gpu, seed, variant);
+    }
+}
+
+fn run_variant<T: Storage>(gpu: &Gpu, seed: u64, variant: &str) {
     let mut rng = SmallRng::seed_from_u64(seed);
     let s = gpu.stream();
     for &(qh, kvh, d, bs, cap) in &SHAPES {
@@ -153,7 +159,7 @@ fn run<T: Storage>(gpu: &Gpu, seed: u64) {
             &tables_d.slice(..),
             &lens_d.slice(..),
             pad,
-            "v3",
+            variant,
         )
         .unwrap();
 
@@ -178,6 +184,7 @@ fn run<T: Storage>(gpu: &Gpu, seed: u64) {
             &lens_d.slice(..),
             &table,
             pad,
+            variant,
         )
         .unwrap();
 

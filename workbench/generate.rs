@@ -765,6 +765,7 @@ pub fn engine_config(
         cuda_graphs,
         decode_split_tokens: 0,
         fused_decode_qkv: true,
+        decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
     })
 }

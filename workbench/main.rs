@@ -90,6 +90,10 @@ struct E2eArgs {
     /// (the path before v3f; bit-identical results, one launch more per layer).
     #[arg(long)]
     unfused_decode_qkv: bool,
+    /// The paged_attention variant decode runs (A/B runs; default: production).
+    #[arg(long, default_value = kernels::paged_attention::PRODUCTION,
+          value_parser = clap::builder::PossibleValuesParser::new(kernels::paged_attention::VARIANTS))]
+    decode_attention: String,
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
@@ -593,6 +597,11 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         cuda_graphs: !a.eager,
         decode_split_tokens: a.decode_split_tokens,
         fused_decode_qkv: !a.unfused_decode_qkv,
+        decode_attention: kernels::paged_attention::VARIANTS
+            .iter()
+            .find(|v| **v == a.decode_attention)
+            .copied()
+            .unwrap_or(kernels::paged_attention::PRODUCTION),
         gemm: a.gemm,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());

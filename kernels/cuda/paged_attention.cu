@@ -543,55 +543,26 @@ template <typename T> struct Pa3Fuse {
     i64 num_slots;
 };
 
-// FUSED (v3f): q is the engine's projection row qkv [batch, (q_heads +
-// 2 kv_heads) * D] before bias and RoPE. The block adds the bias to its
-// group's q heads and rotates them (rotate_chunk, the roundings of
-// qkv_rope_kv_store) into shared memory, and the block whose split holds
-// the new token n - 1 (split 0 when the context is bad) also writes that
-// token's k (biased, rotated) and v (biased) into the caches at its slot,
-// before its ring reads the cache: out and the caches come out
-// bit-identical to qkv_rope_kv_store followed by v3, with one launch fewer.
-// Each (sequence, kv head) writes only its own kv head's slice of its own
-// slot, so blocks never wait on each other; the engine never points a
-// sequence's new slot at a block another sequence reads.
+// Per-block shared scalars of v3/v5: each warp's row max, sum and merge
+// weight, the merged max and sum per row, and the bad-input flag.
+struct Pa3Shared {
+    float m[PA3_WARPS][16], l[PA3_WARPS][16], w[PA3_WARPS][16];
+    float M[16], L[16];
+    int bad;
+};
+
+// v3's and v5's q: the A operand fragments qa of the group's rows (zero
+// rows past G), from q [batch, q_heads, D], or with FUSED (v3f, v5f) from
+// the projection row after the fused prologue (below) put the group's
+// biased, rotated rows in shared memory.
 template <typename T, int D, bool FUSED>
-__device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__ part_o,
-                                        float* __restrict__ part_ml, const T* __restrict__ q,
-                                        T* __restrict__ k_cache, T* __restrict__ v_cache,
-                                        const int* __restrict__ block_tables,
-                                        const int* __restrict__ context_lens, float scale,
-                                        int q_heads, int kv_heads, int block_size,
-                                        int max_blocks_per_seq, int num_blocks, int split_tokens,
-                                        Pa3Fuse<T> fz) {
+__device__ __forceinline__ void pa3_load_q(unsigned (&qa)[Pa3Cfg<D>::KSTEPS][4], const T* q,
+                                           T* k_cache, T* v_cache, const Pa3Fuse<T>& fz,
+                                           unsigned char* smem, int b, int kvh, int split, int G,
+                                           int q_heads, int kv_heads, bool ctx_ok, int n,
+                                           int start, int end) {
     using C = Pa3Cfg<D>;
-    using M = Pa3Mma<T>;
-    // [warps][STAGES][K rows | V rows][16][D + 8] storage elements; after the
-    // loop, [warps][16][D] f32 partial outputs.
-    extern __shared__ __align__(16) unsigned char pa3_smem[];
-    __shared__ float s_m[PA3_WARPS][16], s_l[PA3_WARPS][16], s_w[PA3_WARPS][16];
-    __shared__ float s_M[16], s_L[16];
-    __shared__ int s_bad;
-
-    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, c = lane & 3;
-    const int G = q_heads / kv_heads;
-    // As v1/v2: a context outside [0, table capacity] reads nothing, gives NaN.
-    const int ctx_raw = context_lens[b];
-    const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= max_blocks_per_seq * block_size;
-    const int n = ctx_ok ? ctx_raw : 0;
-    const int start = split * split_tokens;
-    const int end = min(n, start + split_tokens);
-    const int nch = end > start ? (end - start + PA3_CHUNK - 1) / PA3_CHUNK : 0;
-    // This warp's chunks: warp, warp + 4, ... of the split.
-    const int n_my = nch > warp ? (nch - warp + PA3_WARPS - 1) / PA3_WARPS : 0;
-    const int* table = block_tables + (i64)b * max_blocks_per_seq;
-    const i64 row = (i64)kv_heads * D;  // elements per cache slot
-    const T* kbase = k_cache + (i64)kvh * D;
-    const T* vbase = v_cache + (i64)kvh * D;
-    const float cl2 = scale * PA3_LOG2E;  // scores in log2 units: exp2 below
-    if (threadIdx.x == 0) s_bad = !ctx_ok;
-
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     // v3f: the group's q rows, biased and rotated, go to the ring (unused
     // until the pipeline starts) as [G][D]; the new token's k and v go to
     // the caches. Work items: G * D/2N q chunks, D/2N k chunks, D/N v pieces.
@@ -607,7 +578,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
         const bool owner = (ctx_ok && n >= 1) ? (start <= n - 1 && n - 1 < end) : split == 0;
         const i64 slot = owner ? fz.slot_mapping[b] : -1;
         const bool store = slot >= 0 && slot < fz.num_slots;
-        T* sq = reinterpret_cast<T*>(pa3_smem);
+        T* sq = reinterpret_cast<T*>(smem);
         const int items = G * HC + (store ? HC + D / N : 0);
         for (int it = threadIdx.x; it < items; it += PA3_WARPS * 32) {
             if (it < G * HC) {
@@ -643,7 +614,6 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
 
     // Q as the A operand, rows >= G zero (their scores are 0 or -inf, never
     // NaN, and they are never written out).
-    unsigned qa[C::KSTEPS][4];
     {
         const T* q0 = q_rows;
         const unsigned* r0 = reinterpret_cast<const unsigned*>(q0 + g * D + 2 * c);
@@ -658,6 +628,151 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
         }
     }
     if constexpr (FUSED) __syncthreads();  // every warp has its q before the ring is refilled
+}
+
+// The end of a v3/v5 split: the warps' (max, sum, accumulator) merged
+// through shared memory in a fixed order, then the output (one split) or
+// the split's partials for the merge kernel.
+template <typename T, int D>
+__device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restrict__ part_o,
+                                           float* __restrict__ part_ml, unsigned char* smem,
+                                           Pa3Shared& sh, const float (&acc)[D / 8][4], float m0,
+                                           float m1, float l0, float l1, bool bad, int b, int kvh,
+                                           int G, int q_heads, int split, int splits) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    constexpr int NT = D / 8;
+    // Row sums over the quad, in a fixed order.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    bad = __any_sync(0xffffffffu, bad);
+    pa3_cp_async_wait<0>();  // only empty groups remain; the ring is reused below
+    __syncthreads();         // every warp is done with its ring (and sh.bad is initialized)
+
+    // Merge the warps: partial outputs to shared memory, [warp][16 rows][D].
+    float* wacc = reinterpret_cast<float*>(smem);
+    if (bad && lane == 0) sh.bad = 1;
+    if (c == 0) {
+        sh.m[warp][g] = m0;
+        sh.m[warp][g + 8] = m1;
+        sh.l[warp][g] = l0;
+        sh.l[warp][g + 8] = l1;
+    }
+#pragma unroll
+    for (int nn = 0; nn < NT; ++nn) {
+        float* r0 = wacc + (warp * 16 + g) * D + nn * 8 + 2 * c;
+        float* r1 = wacc + (warp * 16 + g + 8) * D + nn * 8 + 2 * c;
+        *reinterpret_cast<float2*>(r0) = make_float2(acc[nn][0], acc[nn][1]);
+        *reinterpret_cast<float2*>(r1) = make_float2(acc[nn][2], acc[nn][3]);
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        const int h = threadIdx.x;
+        float mx = WB_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < PA3_WARPS; ++w) mx = fmaxf(mx, sh.m[w][h]);
+        float L = 0.f;
+#pragma unroll
+        for (int w = 0; w < PA3_WARPS; ++w) {
+            const float wm = sh.m[w][h];
+            const float wgt = wm == WB_NEG_INF ? 0.f : exp2f(wm - mx);
+            sh.w[w][h] = wgt;
+            L += sh.l[w][h] * wgt;
+        }
+        sh.M[h] = mx;
+        sh.L[h] = L;
+    }
+    __syncthreads();
+
+    const bool any_bad = sh.bad != 0;
+    constexpr int Q4 = D / 4;
+    for (int it = threadIdx.x; it < G * Q4; it += PA3_WARPS * 32) {
+        const int h = it / Q4, d = (it - h * Q4) * 4;
+        float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < PA3_WARPS; ++w) {
+            const float wgt = sh.w[w][h];
+            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * D + d);
+            o[0] += a.x * wgt;
+            o[1] += a.y * wgt;
+            o[2] += a.z * wgt;
+            o[3] += a.w * wgt;
+        }
+        const i64 qh = (i64)b * q_heads + (i64)kvh * G + h;
+        if (splits == 1) {
+            const float L = sh.L[h];
+            Pa3Out4<T> r;
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                r.v[e] = from_f32<T>(any_bad ? WB_NAN : (L > 0.f ? o[e] / L : 0.f));
+            *reinterpret_cast<Pa3Out4<T>*>(out + qh * D + d) = r;
+        } else {
+            *reinterpret_cast<float4*>(part_o + (qh * splits + split) * D + d) =
+                make_float4(o[0], o[1], o[2], o[3]);
+        }
+    }
+    if (splits > 1 && threadIdx.x < G) {
+        // The merge kernel works in natural-log units, as v2 writes them.
+        const int h = threadIdx.x;
+        const float mx = sh.M[h];
+        float* ml = part_ml + (((i64)b * q_heads + (i64)kvh * G + h) * splits + split) * 2;
+        ml[0] = any_bad ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
+        ml[1] = sh.L[h];
+    }
+}
+
+// FUSED (v3f): q is the engine's projection row qkv [batch, (q_heads +
+// 2 kv_heads) * D] before bias and RoPE. The block adds the bias to its
+// group's q heads and rotates them (rotate_chunk, the roundings of
+// qkv_rope_kv_store) into shared memory, and the block whose split holds
+// the new token n - 1 (split 0 when the context is bad) also writes that
+// token's k (biased, rotated) and v (biased) into the caches at its slot,
+// before its ring reads the cache: out and the caches come out
+// bit-identical to qkv_rope_kv_store followed by v3, with one launch fewer.
+// Each (sequence, kv head) writes only its own kv head's slice of its own
+// slot, so blocks never wait on each other; the engine never points a
+// sequence's new slot at a block another sequence reads.
+template <typename T, int D, bool FUSED>
+__device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__ part_o,
+                                        float* __restrict__ part_ml, const T* __restrict__ q,
+                                        T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                        const int* __restrict__ block_tables,
+                                        const int* __restrict__ context_lens, float scale,
+                                        int q_heads, int kv_heads, int block_size,
+                                        int max_blocks_per_seq, int num_blocks, int split_tokens,
+                                        Pa3Fuse<T> fz) {
+    using C = Pa3Cfg<D>;
+    using M = Pa3Mma<T>;
+    // [warps][STAGES][K rows | V rows][16][D + 8] storage elements; after the
+    // loop, [warps][16][D] f32 partial outputs.
+    extern __shared__ __align__(16) unsigned char pa3_smem[];
+    __shared__ Pa3Shared sh;
+
+    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int G = q_heads / kv_heads;
+    // As v1/v2: a context outside [0, table capacity] reads nothing, gives NaN.
+    const int ctx_raw = context_lens[b];
+    const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= max_blocks_per_seq * block_size;
+    const int n = ctx_ok ? ctx_raw : 0;
+    const int start = split * split_tokens;
+    const int end = min(n, start + split_tokens);
+    const int nch = end > start ? (end - start + PA3_CHUNK - 1) / PA3_CHUNK : 0;
+    // This warp's chunks: warp, warp + 4, ... of the split.
+    const int n_my = nch > warp ? (nch - warp + PA3_WARPS - 1) / PA3_WARPS : 0;
+    const int* table = block_tables + (i64)b * max_blocks_per_seq;
+    const i64 row = (i64)kv_heads * D;  // elements per cache slot
+    const T* kbase = k_cache + (i64)kvh * D;
+    const T* vbase = v_cache + (i64)kvh * D;
+    const float cl2 = scale * PA3_LOG2E;  // scores in log2 units: exp2 below
+    if (threadIdx.x == 0) sh.bad = !ctx_ok;
+
+    unsigned qa[C::KSTEPS][4];
+    pa3_load_q<T, D, FUSED>(qa, q, k_cache, v_cache, fz, pa3_smem, b, kvh, split, G, q_heads, kv_heads,
+                            ctx_ok, n, start, end);
 
     const unsigned ring =
         pa3_smem_addr(pa3_smem) + (unsigned)(warp * C::STAGES * C::STAGE_ELEMS * 2);
@@ -799,111 +914,229 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
         }
     }
 
-    // Row sums over the quad, in a fixed order.
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    bad = __any_sync(0xffffffffu, bad);
-    pa3_cp_async_wait<0>();  // only empty groups remain; the ring is reused below
-    __syncthreads();         // every warp is done with its ring (and s_bad is initialized)
+    pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
+                     split, splits);
+}
 
-    // Merge the warps: partial outputs to shared memory, [warp][16 rows][D].
-    float* wacc = reinterpret_cast<float*>(pa3_smem);
-    if (bad && lane == 0) s_bad = 1;
-    if (c == 0) {
-        s_m[warp][g] = m0;
-        s_m[warp][g + 8] = m1;
-        s_l[warp][g] = l0;
-        s_l[warp][g + 8] = l1;
-    }
-#pragma unroll
-    for (int nn = 0; nn < C::NT; ++nn) {
-        float* r0 = wacc + (warp * 16 + g) * D + nn * 8 + 2 * c;
-        float* r1 = wacc + (warp * 16 + g + 8) * D + nn * 8 + 2 * c;
-        *reinterpret_cast<float2*>(r0) = make_float2(acc[nn][0], acc[nn][1]);
-        *reinterpret_cast<float2*>(r1) = make_float2(acc[nn][2], acc[nn][3]);
-    }
-    __syncthreads();
-    if (threadIdx.x < 16) {
-        const int h = threadIdx.x;
-        float mx = WB_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < PA3_WARPS; ++w) mx = fmaxf(mx, s_m[w][h]);
-        float L = 0.f;
-#pragma unroll
-        for (int w = 0; w < PA3_WARPS; ++w) {
-            const float wm = s_m[w][h];
-            const float wgt = wm == WB_NEG_INF ? 0.f : exp2f(wm - mx);
-            s_w[w][h] = wgt;
-            L += s_l[w][h] * wgt;
-        }
-        s_M[h] = mx;
-        s_L[h] = L;
-    }
-    __syncthreads();
+// ---------------------------------------------------------------------------
+// v5: v3 on an instruction diet. ncu on the e2e's batch-256 decode step
+// (H200, Qwen2-0.5B heads, ragged contexts) put v3 at 58% of DRAM bandwidth
+// with the SMs issuing on 30% of cycles: about 400 instructions per warp
+// per 16-token chunk, most of them address math (two runtime divisions by
+// block_size per token, a shuffle per 16-byte piece), exp2f's accurate
+// path, a rescale of the whole accumulator every chunk, and masking of
+// chunks that need none. v5 keeps v3's grid, ring, fragments and merge, and
+// - takes only a power-of-two block_size >= 16 (the launcher sends other
+//   block sizes to v3), so each 16-token chunk lies in one block: one
+//   block-table load per chunk (the same address in every lane), and each
+//   lane's 16-byte pieces sit at fixed offsets from the chunk's first slot;
+// - loads the first chunk's block id beside the context length, not after;
+// - keeps the running max on unscaled scores and folds the scale into one
+//   FFMA per weight, exponentiated with ex2.approx (one MUFU op; its error,
+//   2^-22 relative, is far below the rounding of P to 16 bits);
+// - rescales the accumulator only when a row's max grew (a warp vote);
+// - masks only the chunk that holds the split's end.
+// Same fused prologue as v3 (v5f). Needs scale > 0 (the max is taken before
+// scaling); the launcher sends other scales to v3.
+__device__ __forceinline__ float pa5_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 
-    const bool any_bad = s_bad != 0;
-    constexpr int Q4 = D / 4;
-    for (int it = threadIdx.x; it < G * Q4; it += PA3_WARPS * 32) {
-        const int h = it / Q4, d = (it - h * Q4) * 4;
-        float o[4] = {0.f, 0.f, 0.f, 0.f};
+template <typename T, int D, bool FUSED>
+__device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__ part_o,
+                                        float* __restrict__ part_ml, const T* __restrict__ q,
+                                        T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                        const int* __restrict__ block_tables,
+                                        const int* __restrict__ context_lens, float scale,
+                                        int q_heads, int kv_heads, int block_size,
+                                        int max_blocks_per_seq, int num_blocks, int split_tokens,
+                                        Pa3Fuse<T> fz) {
+    using C = Pa3Cfg<D>;
+    using M = Pa3Mma<T>;
+    extern __shared__ __align__(16) unsigned char pa3_smem[];
+    __shared__ Pa3Shared sh;
+
+    const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int G = q_heads / kv_heads;
+    const int shift = __ffs(block_size) - 1;  // block_size == 1 << shift (host-checked)
+    const int cap = max_blocks_per_seq << shift;
+    const int* table = block_tables + (i64)b * max_blocks_per_seq;
+    const int start = split * split_tokens;
+    // Chunk i of this warp starts at token j0(i); its block id is loaded one
+    // chunk ahead. The first one is loaded beside the context length: its
+    // table entry exists whatever the length (clamped to the table).
+    auto j0_of = [&](int i) { return start + (warp + PA3_WARPS * i) * PA3_CHUNK; };
+    const int blk_first = cap > 0 ? __ldg(table + (min(j0_of(0), cap - 1) >> shift)) : 0;
+    const int ctx_raw = context_lens[b];
+    const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= cap;
+    const int n = ctx_ok ? ctx_raw : 0;
+    const int end = min(n, start + split_tokens);
+    const int nch = end > start ? (end - start + PA3_CHUNK - 1) / PA3_CHUNK : 0;
+    const int n_my = nch > warp ? (nch - warp + PA3_WARPS - 1) / PA3_WARPS : 0;
+    const i64 row = (i64)kv_heads * D;  // elements per cache slot
+    const T* kbase = k_cache + (i64)kvh * D;
+    const T* vbase = v_cache + (i64)kvh * D;
+    const float cl2 = scale * PA3_LOG2E;  // weights in log2 units
+    if (threadIdx.x == 0) sh.bad = !ctx_ok;
+
+    unsigned qa[C::KSTEPS][4];
+    pa3_load_q<T, D, FUSED>(qa, q, k_cache, v_cache, fz, pa3_smem, b, kvh, split, G, q_heads, kv_heads,
+                            ctx_ok, n, start, end);
+
+    const unsigned ring =
+        pa3_smem_addr(pa3_smem) + (unsigned)(warp * C::STAGES * C::STAGE_ELEMS * 2);
+    bool bad = false;
+
+    auto fetch = [&](int i) -> int { return i < n_my ? __ldg(table + (j0_of(i) >> shift)) : 0; };
+    // Copy chunk i (block id blk) into ring stage st. Piece p = lane + 32 k
+    // of the 16 x CPR 16-byte pieces is token p / CPR, 16-byte column
+    // p % CPR; tokens past the split's end and a bad block id zero-fill.
+    auto issue = [&](int st, int i, int blk) {
+        const int j0 = j0_of(i);
+        const int tt = end - j0;
+        const bool ok_blk = blk >= 0 && blk < num_blocks;
+        bad |= !ok_blk;  // never read out of range: NaN result
+        const i64 slot0 = ((i64)blk << shift) + (j0 & (block_size - 1));
+        const T* kc = kbase + (ok_blk ? slot0 * row : 0);
+        const T* vc = vbase + (ok_blk ? slot0 * row : 0);
+        const unsigned kdst = ring + (unsigned)(st * C::STAGE_ELEMS * 2);
+        const unsigned vdst = kdst + (unsigned)(PA3_CHUNK * C::RS * 2);
 #pragma unroll
-        for (int w = 0; w < PA3_WARPS; ++w) {
-            const float wgt = s_w[w][h];
-            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * D + d);
-            o[0] += a.x * wgt;
-            o[1] += a.y * wgt;
-            o[2] += a.z * wgt;
-            o[3] += a.w * wgt;
+        for (int k = 0; k < C::CPR / 2; ++k) {
+            const int p = lane + 32 * k;
+            const int t = p / C::CPR, col = p - t * C::CPR;
+            const bool ok = ok_blk && t < tt;
+            const int off = ok ? t * (int)row + col * 8 : 0;
+            const unsigned so = (unsigned)((t * C::RS + col * 8) * 2);
+            pa3_cp_async16(kdst + so, kc + off, ok);
+            pa3_cp_async16(vdst + so, vc + off, ok);
         }
-        const i64 qh = (i64)b * q_heads + (i64)kvh * G + h;
-        if (splits == 1) {
-            const float L = s_L[h];
-            Pa3Out4<T> r;
+    };
+
+    float m0 = WB_NEG_INF, m1 = WB_NEG_INF;  // running max of rows g, g+8 (log2 units)
+    float l0 = 0.f, l1 = 0.f;                // this thread's part of the row sums
+    float acc[C::NT][4];
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-                r.v[e] = from_f32<T>(any_bad ? WB_NAN : (L > 0.f ? o[e] / L : 0.f));
-            *reinterpret_cast<Pa3Out4<T>*>(out + qh * D + d) = r;
-        } else {
-            *reinterpret_cast<float4*>(part_o + (qh * splits + split) * D + d) =
-                make_float4(o[0], o[1], o[2], o[3]);
+    for (int nn = 0; nn < C::NT; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nn][e] = 0.f;
+    const int mi = lane >> 3, mr = lane & 7;
+    const unsigned k_lane = (unsigned)((((mi >> 1) * 8 + mr) * C::RS + (mi & 1) * 8) * 2);
+    const unsigned v_lane =
+        (unsigned)(PA3_CHUNK * C::RS * 2 + (((mi & 1) * 8 + mr) * C::RS + (mi >> 1) * 8) * 2);
+
+    // v3's pipeline: one commit group per chunk slot, chunk i in group i.
+#pragma unroll
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+        const int blk = s == 0 ? blk_first : fetch(s);
+        if (s < n_my) issue(s, s, blk);
+        pa3_cp_async_commit();
+    }
+    int pblk = fetch(C::STAGES - 1);
+
+    for (int i = 0; i < n_my; ++i) {
+        const int nx = i + C::STAGES - 1;
+        __syncwarp();  // every lane is done reading stage nx % STAGES (chunk i - 1)
+        if (nx < n_my) issue(nx % C::STAGES, nx, pblk);
+        pa3_cp_async_commit();
+        pblk = fetch(nx + 1);
+        pa3_cp_async_wait<C::STAGES - 1>();
+        __syncwarp();  // other lanes' copies of chunk i are visible
+
+        const unsigned st = ring + (unsigned)((i % C::STAGES) * C::STAGE_ELEMS * 2);
+        float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < C::KSTEPS; ++kk) {
+            unsigned kb[4];
+            pa3_ldmatrix_x4(kb, st + k_lane + kk * 32);
+            M::mma(s0, qa[kk], kb[0], kb[1]);
+            M::mma(s1, qa[kk], kb[2], kb[3]);
+        }
+        const int tt = end - j0_of(i);
+        if (tt < PA3_CHUNK) {  // the split's last chunk: tokens t >= tt masked
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int t = 2 * c + (e & 1);
+                if (t >= tt) s0[e] = WB_NEG_INF;
+                if (t + 8 >= tt) s1[e] = WB_NEG_INF;
+            }
+        }
+        float mx0 = fmaxf(fmaxf(s0[0], s0[1]), fmaxf(s1[0], s1[1]));
+        float mx1 = fmaxf(fmaxf(s0[2], s0[3]), fmaxf(s1[2], s1[3]));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m0, mx0 * cl2), mn1 = fmaxf(m1, mx1 * cl2);
+        // A row whose max is still -inf uses base 0 (weights 0, never NaN).
+        const float b0 = mn0 == WB_NEG_INF ? 0.f : mn0;
+        const float b1 = mn1 == WB_NEG_INF ? 0.f : mn1;
+        if (__any_sync(0xffffffffu, mn0 > m0 || mn1 > m1)) {
+            const float cr0 = pa5_ex2(m0 - b0), cr1 = pa5_ex2(m1 - b1);  // 0 on the first chunk
+            l0 *= cr0;
+            l1 *= cr1;
+#pragma unroll
+            for (int nn = 0; nn < C::NT; ++nn) {
+                acc[nn][0] *= cr0;
+                acc[nn][1] *= cr0;
+                acc[nn][2] *= cr1;
+                acc[nn][3] *= cr1;
+            }
+        }
+        m0 = mn0;
+        m1 = mn1;
+        unsigned pa[4];
+        pa[0] = M::pack(pa5_ex2(fmaf(s0[0], cl2, -b0)), pa5_ex2(fmaf(s0[1], cl2, -b0)));
+        pa[1] = M::pack(pa5_ex2(fmaf(s0[2], cl2, -b1)), pa5_ex2(fmaf(s0[3], cl2, -b1)));
+        pa[2] = M::pack(pa5_ex2(fmaf(s1[0], cl2, -b0)), pa5_ex2(fmaf(s1[1], cl2, -b0)));
+        pa[3] = M::pack(pa5_ex2(fmaf(s1[2], cl2, -b1)), pa5_ex2(fmaf(s1[3], cl2, -b1)));
+        // The weights as rounded for the mma (numerator and denominator
+        // see the same P).
+        const float2 u0 = M::unpack(pa[0]), u1 = M::unpack(pa[1]);
+        const float2 u2 = M::unpack(pa[2]), u3 = M::unpack(pa[3]);
+        l0 += (u0.x + u0.y) + (u2.x + u2.y);
+        l1 += (u1.x + u1.y) + (u3.x + u3.y);
+#pragma unroll
+        for (int nn = 0; nn < C::NT; nn += 2) {
+            unsigned vb[4];
+            pa3_ldmatrix_x4_trans(vb, st + v_lane + nn * 16);
+            M::mma(acc[nn], pa, vb[0], vb[1]);
+            M::mma(acc[nn + 1], pa, vb[2], vb[3]);
         }
     }
-    if (splits > 1 && threadIdx.x < G) {
-        // The merge kernel works in natural-log units, as v2 writes them.
-        const int h = threadIdx.x;
-        const float mx = s_M[h];
-        float* ml = part_ml + (((i64)b * q_heads + (i64)kvh * G + h) * splits + split) * 2;
-        ml[0] = any_bad ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
-        ml[1] = s_L[h];
-    }
+    pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
+                     split, splits);
 }
 
 // One entry point per (head_dim, 16-bit storage type):
-// paged_attention_v3_d{D}_{bf16,f16}, and the fused prologue's
-// paged_attention_v3f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
+// paged_attention_{v3,v5}_d{D}_{bf16,f16}, and the fused prologue's
+// paged_attention_{v3,v5}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
 // register budget must allow (the ring of a d128 block is 102 KiB).
-#define WB_PAGED_ATTENTION_V3(T, S, D)                                                           \
+#define WB_PAGED_ATTENTION_V3(T, S, D) WB_PA3_ENTRIES(T, S, D, v3) WB_PA3_ENTRIES(T, S, D, v5)
+#define WB_PA3_ENTRIES(T, S, D, V)                                                               \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
-        paged_attention_v3_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
+        paged_attention_##V##_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
                                       const T* k_cache, const T* v_cache,                        \
                                       const int* block_tables, const int* context_lens,          \
                                       float scale, int q_heads, int kv_heads, int block_size,    \
                                       int max_blocks_per_seq, int num_blocks, int split_tokens) { \
-        paged_attention_v3_impl<T, D, false>(                                                    \
+        paged_attention_##V##_impl<T, D, false>(                                                 \
             out, part_o, part_ml, q, const_cast<T*>(k_cache), const_cast<T*>(v_cache),           \
             block_tables, context_lens, scale, q_heads, kv_heads, block_size,                    \
             max_blocks_per_seq, num_blocks, split_tokens, Pa3Fuse<T>{});                         \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
-        paged_attention_v3f_d##D##_##S(                                                          \
+        paged_attention_##V##f_d##D##_##S(                                                       \
             T* out, float* part_o, float* part_ml, const T* qkv, T* k_cache, T* v_cache,         \
             const int* block_tables, const int* context_lens, float scale, int q_heads,          \
             int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks,                \
             int split_tokens, const T* bias, const int* positions, const float* cos_sin,         \
             const i64* slot_mapping, int max_positions, i64 num_slots) {                         \
-        paged_attention_v3_impl<T, D, true>(                                                     \
+        paged_attention_##V##_impl<T, D, true>(                                                  \
             out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
             q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
             Pa3Fuse<T>{bias, positions, cos_sin, slot_mapping, max_positions, num_slots});       \

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelA
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5"];
 pub const PRODUCTION: &str = "v3";
 
 /// v2's launch constants (paged_attention.cu).
@@ -168,6 +168,30 @@ pub fn paged_attention<T: Storage>(
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
         "v3" => return launch_v3(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
+        "v5" if v5_takes::<T>(&d) => {
+            if !v3_aligned(gpu, out, q, k_cache, v_cache) {
+                return paged_attention(
+                    gpu,
+                    out,
+                    q,
+                    k_cache,
+                    v_cache,
+                    block_tables,
+                    context_lens,
+                    d,
+                    "v1",
+                );
+            }
+            let symbol = format!("paged_attention_v5_d{}", d.head_dim);
+            let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
+            let inputs = Inputs::Plain {
+                q,
+                k_cache,
+                v_cache,
+            };
+            return launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d);
+        }
+        "v5" => return launch_v3(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
         other => {
             return Err(KernelError::Unsupported {
                 op: OP,
@@ -569,6 +593,19 @@ pub struct FusedQkv<'a, 'b, T> {
     pub slot_mapping: &'a CudaView<'b, i64>,
 }
 
+/// True when v5 runs this case itself: v3's conditions (16-bit storage, a
+/// compiled head_dim, group <= 16) plus a power-of-two block_size >= 16 (a
+/// 16-token chunk in one block) and a positive scale (the running max is
+/// taken before scaling). Anything else runs v3, which has its own fallbacks.
+fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
+    T::DTYPE != crate::dtype::DType::F32
+        && V3_HEAD_DIMS.contains(&d.head_dim)
+        && d.q_heads / d.kv_heads.max(1) <= V3_MAX_GROUP
+        && d.block_size.is_power_of_two()
+        && d.block_size >= 16
+        && d.scale > 0.0
+}
+
 /// True when [`paged_attention_fused_qkv`] takes this storage type and
 /// head_dim (v3's: bf16 or f16, a compiled head_dim).
 pub fn fused_qkv_supported(dtype: crate::dtype::DType, head_dim: usize) -> bool {
@@ -581,7 +618,9 @@ pub fn fused_qkv_supported(dtype: crate::dtype::DType, head_dim: usize) -> bool 
 /// followed by `paged_attention` v3, in one launch instead of two (the
 /// rotated q is never written out). context_lens[b] counts the new token,
 /// whose slot must be the one the block table gives for token
-/// context_lens[b] - 1 of sequence b.
+/// context_lens[b] - 1 of sequence b. `variant` "v5" runs v5f where v5
+/// takes the case (v3f otherwise); "v3" runs v3f.
+#[allow(clippy::too_many_arguments)]
 pub fn paged_attention_fused_qkv<T: Storage>(
     gpu: &Gpu,
     out: &mut CudaViewMut<T>,
@@ -590,6 +629,7 @@ pub fn paged_attention_fused_qkv<T: Storage>(
     context_lens: &CudaView<i32>,
     rope: &RopeTable,
     d: PagedAttentionDims,
+    variant: &str,
 ) -> Result<()> {
     const F: &str = "paged_attention v3f";
     d.validate()?;
@@ -688,7 +728,17 @@ pub fn paged_attention_fused_qkv<T: Storage>(
             what: "a buffer that is not 16-byte aligned (a view at an odd offset)".into(),
         });
     }
-    let symbol = format!("paged_attention_v3f_d{}", d.head_dim);
+    let v = match variant {
+        "v5" if v5_takes::<T>(&d) => "v5",
+        "v3" | "v5" => "v3",
+        other => {
+            return Err(KernelError::Unsupported {
+                op: F,
+                what: format!("variant `{other}` (fused: v3, v5)"),
+            })
+        }
+    };
+    let symbol = format!("paged_attention_{v}f_d{}", d.head_dim);
     let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
     let inputs = Inputs::Fused { a, rope };
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)

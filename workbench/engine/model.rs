@@ -205,6 +205,8 @@ pub struct GpuModel<T> {
     /// `qkv_rope_kv_store` launch. Bit-identical either way; on by default
     /// where v3f exists (bf16/f16 and a compiled head_dim).
     pub fused_decode_qkv: bool,
+    /// The paged_attention variant decode runs (default: the production one).
+    pub decode_attention: &'static str,
     /// The linear layers' GEMM path (see [`GemmBackend`]); set with
     /// [`GpuModel::set_gemm`]. Declared after `graphs`, so it is dropped
     /// after the graphs that captured its workspace.
@@ -458,6 +460,7 @@ where
             lt: None,
             decode_split_tokens: 0,
             fused_decode_qkv: true,
+            decode_attention: kernels::paged_attention::PRODUCTION,
             prefill_kernel: T::DTYPE != kernels::DType::F32
                 && kernels::prefill_attention::HEAD_DIMS
                     .iter()
@@ -882,6 +885,7 @@ where
         let (qd, kd) = (qh * d, kvh * d);
         let vocab = c.vocab_size;
         let split_cap = self.decode_split_tokens;
+        let attn_variant = self.decode_attention;
         let fuse_qkv = self.fused_decode_qkv
             && kernels::paged_attention::fused_qkv_supported(T::DTYPE, c.head_dim);
         let GpuModel {
@@ -1025,6 +1029,7 @@ where
                     &ws.lens.slice(..t),
                     rope,
                     pad,
+                    attn_variant,
                 )?;
             } else {
                 mark(DECODE_ATTENTION)?;
@@ -1037,7 +1042,7 @@ where
                     &ws.tables.slice(..t * mbps),
                     &ws.lens.slice(..t),
                     pad,
-                    kernels::paged_attention::PRODUCTION,
+                    attn_variant,
                 )?;
             }
             mark("o_proj GEMM")?;

@@ -72,6 +72,8 @@ pub struct EngineConfig {
     /// Decode attention with the fused bias + RoPE + store prologue (v3f);
     /// see `GpuModel::fused_decode_qkv`.
     pub fused_decode_qkv: bool,
+    /// The paged_attention variant of decode (`kernels::paged_attention::VARIANTS`).
+    pub decode_attention: &'static str,
     /// The linear layers' GEMM path.
     pub gemm: GemmBackend,
 }
@@ -87,6 +89,7 @@ impl Default for EngineConfig {
             cuda_graphs: true,
             decode_split_tokens: 0,
             fused_decode_qkv: true,
+            decode_attention: kernels::paged_attention::PRODUCTION,
             gemm: GemmBackend::default(),
         }
     }
@@ -205,6 +208,7 @@ where
         let mut model = GpuModel::build(gpu, cfg, src, limits)?;
         model.decode_split_tokens = ec.decode_split_tokens;
         model.fused_decode_qkv = ec.fused_decode_qkv;
+        model.decode_attention = ec.decode_attention;
         model.set_gemm(gpu, ec.gemm)?;
         Ok(Self {
             model,
