@@ -10,7 +10,9 @@
 // q_heads / kv_heads. Slots at or past the context length are never read, so
 // NaN left in unused cache slots cannot enter a sum (0 * NaN is NaN).
 // A context of 0 gives zeros; a block id outside [0, num_blocks) makes that
-// head's output NaN instead of reading out of bounds.
+// head's output NaN instead of reading out of bounds. A NaN in q or in a
+// live token's K/V gives NaN (every variant divides by the softmax sum
+// unless it is exactly 0: a NaN sum is never turned into a 0 output).
 //
 // Grid (q_heads, batch), 4 warps per block. Warp w takes tokens j = w, w+4, ...;
 // lane l holds dims l, l+32, ... (head_dim <= 256). Each warp runs an online
@@ -153,7 +155,7 @@ __device__ void paged_attention_v1_impl(T* __restrict__ out, const T* __restrict
         float o = 0.f;
 #pragma unroll
         for (int w = 0; w < PA_WARPS; ++w) o += s_acc[w][d] * wgt[w];
-        o = L > 0.f ? o / L : 0.f;
+        o = L == 0.f ? 0.f : o / L;
         if (s_bad) o = WB_NAN;
         oh[d] = from_f32<T>(o);
     }
@@ -331,7 +333,7 @@ __device__ void paged_attention_v2_impl(T* __restrict__ out, float* __restrict__
             const float l = l_s[h];
             Vec16<T> o;
 #pragma unroll
-            for (int j = 0; j < N; ++j) o.v[j] = from_f32<T>(bad ? WB_NAN : (l > 0.f ? acc[u][j] / l : 0.f));
+            for (int j = 0; j < N; ++j) o.v[j] = from_f32<T>(bad ? WB_NAN : (l == 0.f ? 0.f : acc[u][j] / l));
             store16(out + ((i64)b * q_heads + qh) * d + c * N, o);
         } else {
             float* po = part_o + (((i64)b * q_heads + qh) * splits + split) * d + c * N;
@@ -372,7 +374,7 @@ __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __r
             const float m = part_ml[(base + s) * 2];
             if (m != WB_NEG_INF) o += part_o[(base + s) * head_dim + j] * expf(m - M);
         }
-        o = bad ? WB_NAN : (L > 0.f ? o / L : 0.f);
+        o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
         out[((i64)b * q_heads + h) * head_dim + j] = from_f32<T>(o);
     }
 }
@@ -706,7 +708,7 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
             Pa3Out4<T> r;
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                r.v[e] = from_f32<T>(any_bad ? WB_NAN : (L > 0.f ? o[e] / L : 0.f));
+                r.v[e] = from_f32<T>(any_bad ? WB_NAN : (L == 0.f ? 0.f : o[e] / L));
             *reinterpret_cast<Pa3Out4<T>*>(out + qh * D + d) = r;
         } else {
             *reinterpret_cast<float4*>(part_o + (qh * splits + split) * D + d) =
@@ -944,7 +946,7 @@ __device__ __forceinline__ float pa5_ex2(float x) {
     return y;
 }
 
-template <typename T, int D, bool FUSED>
+template <typename T, int D, bool FUSED, int STAGES = Pa3Cfg<D>::STAGES>
 __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__ part_o,
                                         float* __restrict__ part_ml, const T* __restrict__ q,
                                         T* __restrict__ k_cache, T* __restrict__ v_cache,
@@ -988,7 +990,7 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
                             ctx_ok, n, start, end);
 
     const unsigned ring =
-        pa3_smem_addr(pa3_smem) + (unsigned)(warp * C::STAGES * C::STAGE_ELEMS * 2);
+        pa3_smem_addr(pa3_smem) + (unsigned)(warp * STAGES * C::STAGE_ELEMS * 2);
     bool bad = false;
 
     auto fetch = [&](int i) -> int { return i < n_my ? __ldg(table + (j0_of(i) >> shift)) : 0; };
@@ -1031,23 +1033,23 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
 
     // v3's pipeline: one commit group per chunk slot, chunk i in group i.
 #pragma unroll
-    for (int s = 0; s < C::STAGES - 1; ++s) {
+    for (int s = 0; s < STAGES - 1; ++s) {
         const int blk = s == 0 ? blk_first : fetch(s);
         if (s < n_my) issue(s, s, blk);
         pa3_cp_async_commit();
     }
-    int pblk = fetch(C::STAGES - 1);
+    int pblk = fetch(STAGES - 1);
 
     for (int i = 0; i < n_my; ++i) {
-        const int nx = i + C::STAGES - 1;
+        const int nx = i + STAGES - 1;
         __syncwarp();  // every lane is done reading stage nx % STAGES (chunk i - 1)
-        if (nx < n_my) issue(nx % C::STAGES, nx, pblk);
+        if (nx < n_my) issue(nx % STAGES, nx, pblk);
         pa3_cp_async_commit();
         pblk = fetch(nx + 1);
-        pa3_cp_async_wait<C::STAGES - 1>();
+        pa3_cp_async_wait<STAGES - 1>();
         __syncwarp();  // other lanes' copies of chunk i are visible
 
-        const unsigned st = ring + (unsigned)((i % C::STAGES) * C::STAGE_ELEMS * 2);
+        const unsigned st = ring + (unsigned)((i % STAGES) * C::STAGE_ELEMS * 2);
         float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int kk = 0; kk < C::KSTEPS; ++kk) {
@@ -1150,3 +1152,38 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     WB_PAGED_ATTENTION_V3(T, S, 256)
 WB_PAGED_ATTENTION_V3_DIMS(__nv_bfloat16, bf16)
 WB_PAGED_ATTENTION_V3_DIMS(__half, f16)
+
+// Ring-depth experiment (e2e A/B, WB_PA5_STAGES on the host): v5 and v5f
+// with 4 or 6 stages for head_dim 64 and 128, bf16 only:
+// paged_attention_v5{,f}_d{D}_s{S}_bf16.
+#define WB_PA5_STAGES(D, S)                                                                      \
+    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 1)                              \
+        paged_attention_v5_d##D##_s##S##_bf16(                                                   \
+            __nv_bfloat16* out, float* part_o, float* part_ml, const __nv_bfloat16* q,           \
+            const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const int* block_tables, \
+            const int* context_lens, float scale, int q_heads, int kv_heads, int block_size,     \
+            int max_blocks_per_seq, int num_blocks, int split_tokens) {                          \
+        paged_attention_v5_impl<__nv_bfloat16, D, false, S>(                                     \
+            out, part_o, part_ml, q, const_cast<__nv_bfloat16*>(k_cache),                        \
+            const_cast<__nv_bfloat16*>(v_cache), block_tables, context_lens, scale, q_heads,     \
+            kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,                  \
+            Pa3Fuse<__nv_bfloat16>{});                                                           \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 1)                              \
+        paged_attention_v5f_d##D##_s##S##_bf16(                                                  \
+            __nv_bfloat16* out, float* part_o, float* part_ml, const __nv_bfloat16* qkv,         \
+            __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const int* block_tables,             \
+            const int* context_lens, float scale, int q_heads, int kv_heads, int block_size,     \
+            int max_blocks_per_seq, int num_blocks, int split_tokens, const __nv_bfloat16* bias, \
+            const int* positions, const float* cos_sin, const i64* slot_mapping,                 \
+            int max_positions, i64 num_slots) {                                                  \
+        paged_attention_v5_impl<__nv_bfloat16, D, true, S>(                                      \
+            out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
+            q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
+            Pa3Fuse<__nv_bfloat16>{bias, positions, cos_sin, slot_mapping, max_positions,       \
+                                   num_slots});                                                  \
+    }
+WB_PA5_STAGES(64, 4)
+WB_PA5_STAGES(64, 6)
+WB_PA5_STAGES(128, 4)
+WB_PA5_STAGES(128, 6)
