@@ -188,7 +188,10 @@ fn run_variant<T: Storage>(gpu: &Gpu, seed: u64, variant: &str) {
         )
         .unwrap();
 
-        let what = format!("{} heads={qh}/{kvh} d={d} block={bs} cap={cap}", T::DTYPE);
+        let what = format!(
+            "{variant} {} heads={qh}/{kvh} d={d} block={bs} cap={cap}",
+            T::DTYPE
+        );
         let (o1, o2) = (s.clone_dtoh(&out1).unwrap(), s.clone_dtoh(&out2).unwrap());
         assert_eq!(bits(&o1), bits(&o2), "out differs: {what}");
         let k1h = s.clone_dtoh(&k1).unwrap();

@@ -343,7 +343,9 @@ __device__ void paged_attention_v2_impl(T* __restrict__ out, float* __restrict__
     }
     if (splits > 1 && tid < G) {
         float* ml = part_ml + (((i64)b * q_heads + kvh * G + tid) * splits + split) * 2;
-        ml[0] = bad ? WB_NAN : m_s[tid];
+        // A NaN sum (NaN scores leave the max at -inf) marks the split bad,
+        // or the merge would take it for an empty one and give 0.
+        ml[0] = (bad || l_s[tid] != l_s[tid]) ? WB_NAN : m_s[tid];
         ml[1] = l_s[tid];
     }
 }
@@ -720,7 +722,10 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
         const int h = threadIdx.x;
         const float mx = sh.M[h];
         float* ml = part_ml + (((i64)b * q_heads + (i64)kvh * G + h) * splits + split) * 2;
-        ml[0] = any_bad ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
+        // A NaN sum (NaN scores leave the max at -inf) marks the split bad,
+        // or the merge would take it for an empty one and give 0.
+        const bool nan_sum = sh.L[h] != sh.L[h];
+        ml[0] = (any_bad || nan_sum) ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
         ml[1] = sh.L[h];
     }
 }
@@ -957,8 +962,10 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
                                         Pa3Fuse<T> fz) {
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
+    constexpr int N = Vec16<T>::N, HALF = D / 2, HC = HALF / N;
     extern __shared__ __align__(16) unsigned char pa3_smem[];
     __shared__ Pa3Shared sh;
+    __shared__ __align__(16) T s_new[2][D];  // v5f: the new token's k and v rows
 
     const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -968,36 +975,59 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     const int cap = max_blocks_per_seq << shift;
     const int* table = block_tables + (i64)b * max_blocks_per_seq;
     const int start = split * split_tokens;
-    // Chunk i of this warp starts at token j0(i); its block id is loaded one
-    // chunk ahead. The first one is loaded beside the context length: its
-    // table entry exists whatever the length (clamped to the table).
+    // Chunk i of this warp starts at token j0(i). Block ids come in batches
+    // of 32 chunks: lane L holds chunk 32k + L's (one coalesced load per 32
+    // chunks, then shuffles), the next batch loaded while this one is used.
+    // Batch 0 is loaded beside the context length, not after it: its
+    // entries exist whatever the length (indices clamped to the table).
     auto j0_of = [&](int i) { return start + (warp + PA3_WARPS * i) * PA3_CHUNK; };
-    const int blk_first = cap > 0 ? __ldg(table + (min(j0_of(0), cap - 1) >> shift)) : 0;
+    auto tb_load = [&](int k) -> int {
+        return cap > 0 ? __ldg(table + (min(j0_of(32 * k + lane), cap - 1) >> shift)) : 0;
+    };
+    int tb_cur = tb_load(0);
     const int ctx_raw = context_lens[b];
     const bool ctx_ok = ctx_raw >= 0 && ctx_raw <= cap;
     const int n = ctx_ok ? ctx_raw : 0;
     const int end = min(n, start + split_tokens);
     const int nch = end > start ? (end - start + PA3_CHUNK - 1) / PA3_CHUNK : 0;
     const int n_my = nch > warp ? (nch - warp + PA3_WARPS - 1) / PA3_WARPS : 0;
+    int tb_k = 0;
+    int tb_next = n_my > 32 ? tb_load(1) : 0;
+    auto blk_of = [&](int i) -> int {  // i warp-uniform, rising by one
+        if ((i >> 5) > tb_k) {
+            tb_cur = tb_next;
+            ++tb_k;
+            tb_next = n_my > 32 * (tb_k + 1) ? tb_load(tb_k + 1) : 0;
+        }
+        return __shfl_sync(0xffffffffu, tb_cur, i & 31);
+    };
     const i64 row = (i64)kv_heads * D;  // elements per cache slot
     const T* kbase = k_cache + (i64)kvh * D;
     const T* vbase = v_cache + (i64)kvh * D;
     const float cl2 = scale * PA3_LOG2E;  // weights in log2 units
     if (threadIdx.x == 0) sh.bad = !ctx_ok;
 
-    unsigned qa[C::KSTEPS][4];
-    pa3_load_q<T, D, FUSED>(qa, q, k_cache, v_cache, fz, pa3_smem, b, kvh, split, G, q_heads, kv_heads,
-                            ctx_ok, n, start, end);
+    // v5f: the block whose split holds the new token n - 1 (split 0 when
+    // the context is bad) stores it; when it does, the ring's first chunks
+    // are issued before the store without that token's row (`skip_j`),
+    // which is copied in from shared memory after the barrier below.
+    i64 new_slot = -1;
+    int skip_j = -1;
+    if constexpr (FUSED) {
+        const bool owner = (ctx_ok && n >= 1) ? (start <= n - 1 && n - 1 < end) : split == 0;
+        new_slot = owner ? fz.slot_mapping[b] : -1;
+        if (new_slot >= fz.num_slots) new_slot = -1;
+        if (new_slot >= 0 && ctx_ok && n >= 1) skip_j = n - 1;
+    }
 
     const unsigned ring =
         pa3_smem_addr(pa3_smem) + (unsigned)(warp * STAGES * C::STAGE_ELEMS * 2);
     bool bad = false;
-
-    auto fetch = [&](int i) -> int { return i < n_my ? __ldg(table + (j0_of(i) >> shift)) : 0; };
     // Copy chunk i (block id blk) into ring stage st. Piece p = lane + 32 k
     // of the 16 x CPR 16-byte pieces is token p / CPR, 16-byte column
-    // p % CPR; tokens past the split's end and a bad block id zero-fill.
-    auto issue = [&](int st, int i, int blk) {
+    // p % CPR; tokens past the split's end and a bad block id zero-fill;
+    // token `skip` is left for the caller.
+    auto issue = [&](int st, int i, int blk, int skip) {
         const int j0 = j0_of(i);
         const int tt = end - j0;
         const bool ok_blk = blk >= 0 && blk < num_blocks;
@@ -1011,6 +1041,7 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         for (int k = 0; k < C::CPR / 2; ++k) {
             const int p = lane + 32 * k;
             const int t = p / C::CPR, col = p - t * C::CPR;
+            if (j0 + t == skip) continue;
             const bool ok = ok_blk && t < tt;
             const int off = ok ? t * (int)row + col * 8 : 0;
             const unsigned so = (unsigned)((t * C::RS + col * 8) * 2);
@@ -1018,6 +1049,94 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
             pa3_cp_async16(vdst + so, vc + off, ok);
         }
     };
+
+    // v3's pipeline: one commit group per chunk slot, chunk i in group i.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_my) issue(s, s, blk_of(s), skip_j);
+        pa3_cp_async_commit();
+    }
+
+    // q as the A operand (rows >= G zero). v5f: the group's rows, biased
+    // and rotated, staged in the last warp's last ring stage (not written
+    // until that warp's first loop iteration, after the barrier below).
+    unsigned qa[C::KSTEPS][4];
+    const T* q_rows = q + ((i64)b * q_heads + (i64)kvh * G) * D;
+    if constexpr (FUSED) {
+        static_assert(HALF % N == 0, "v5f needs head_dim / 2 a multiple of the 16-byte vector");
+        T* sq = reinterpret_cast<T*>(pa3_smem + ((PA3_WARPS * STAGES - 1) * C::STAGE_ELEMS) * 2);
+        const i64 qkv_row = (i64)(q_heads + 2 * kv_heads) * D;
+        const T* src = q + (i64)b * qkv_row;
+        const int pos = fz.positions[b];
+        const bool pvalid = pos >= 0 && pos < fz.max_positions;
+        const float* cs = fz.cos_sin + (i64)(pvalid ? pos : 0) * D;
+        const int items = G * HC + (new_slot >= 0 ? HC + D / N : 0);
+        for (int it = threadIdx.x; it < items; it += PA3_WARPS * 32) {
+            if (it < G * HC) {
+                const int h = it / HC, i = (it - h * HC) * N;
+                const int col = (kvh * G + h) * D;
+                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
+                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
+                rotate_chunk(a, c2, cs, i, HALF, pvalid);
+                store16(sq + h * D + i, a);
+                store16(sq + h * D + HALF + i, c2);
+            } else if (it < (G + 1) * HC) {
+                const int i = (it - G * HC) * N;
+                const int col = q_heads * D + kvh * D;
+                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
+                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
+                rotate_chunk(a, c2, cs, i, HALF, pvalid);
+                T* dst = k_cache + new_slot * row + kvh * D;
+                store16(dst + i, a);
+                store16(dst + HALF + i, c2);
+                store16(&s_new[0][i], a);
+                store16(&s_new[0][HALF + i], c2);
+            } else {
+                const int j = (it - (G + 1) * HC) * N;
+                const int col = (q_heads + kv_heads) * D + kvh * D;
+                const Vec16<T> v = add_bias16(load16(src + col + j), fz.bias + col + j);
+                store16(v_cache + new_slot * row + kvh * D + j, v);
+                store16(&s_new[1][j], v);
+            }
+        }
+        // The rotated q and the new rows are in shared memory, the new rows
+        // in the caches (read through L2 by the ring's later copies).
+        __syncthreads();
+        if (skip_j >= 0) {
+            // The chunk holding token n - 1, if the prologue above issued
+            // it: its row comes from s_new instead of the cache.
+            const int ci = (skip_j - start) / PA3_CHUNK, to = (skip_j - start) % PA3_CHUNK;
+            if (ci % PA3_WARPS == warp && ci / PA3_WARPS < STAGES - 1) {
+                unsigned char* st = pa3_smem +
+                                    (warp * STAGES + ci / PA3_WARPS) * C::STAGE_ELEMS * 2;
+#pragma unroll
+                for (int k = 0; k < C::CPR / 2; ++k) {
+                    const int p = lane + 32 * k;
+                    const int t = p / C::CPR, col = p - t * C::CPR;
+                    if (t != to) continue;
+                    const int so = (t * C::RS + col * 8) * 2;
+                    *reinterpret_cast<uint4*>(st + so) =
+                        *reinterpret_cast<const uint4*>(&s_new[0][col * 8]);
+                    *reinterpret_cast<uint4*>(st + PA3_CHUNK * C::RS * 2 + so) =
+                        *reinterpret_cast<const uint4*>(&s_new[1][col * 8]);
+                }
+            }
+        }
+        q_rows = sq;
+    }
+    {
+        const unsigned* r0 = reinterpret_cast<const unsigned*>(q_rows + g * D + 2 * c);
+        const unsigned* r1 = reinterpret_cast<const unsigned*>(q_rows + (g + 8) * D + 2 * c);
+        const bool h0 = g < G, h1 = g + 8 < G;
+#pragma unroll
+        for (int kk = 0; kk < C::KSTEPS; ++kk) {
+            qa[kk][0] = h0 ? r0[kk * 8] : 0u;      // Q[g][16kk + 2c..]
+            qa[kk][1] = h1 ? r1[kk * 8] : 0u;      // Q[g+8][16kk + 2c..]
+            qa[kk][2] = h0 ? r0[kk * 8 + 4] : 0u;  // Q[g][16kk + 8 + 2c..]
+            qa[kk][3] = h1 ? r1[kk * 8 + 4] : 0u;  // Q[g+8][16kk + 8 + 2c..]
+        }
+    }
+    if constexpr (FUSED) __syncthreads();  // every warp has its q before the last stage is refilled
 
     float m0 = WB_NEG_INF, m1 = WB_NEG_INF;  // running max of rows g, g+8 (log2 units)
     float l0 = 0.f, l1 = 0.f;                // this thread's part of the row sums
@@ -1031,24 +1150,13 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     const unsigned v_lane =
         (unsigned)(PA3_CHUNK * C::RS * 2 + (((mi & 1) * 8 + mr) * C::RS + (mi >> 1) * 8) * 2);
 
-    // v3's pipeline: one commit group per chunk slot, chunk i in group i.
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        const int blk = s == 0 ? blk_first : fetch(s);
-        if (s < n_my) issue(s, s, blk);
-        pa3_cp_async_commit();
-    }
-    int pblk = fetch(STAGES - 1);
-
     for (int i = 0; i < n_my; ++i) {
         const int nx = i + STAGES - 1;
         __syncwarp();  // every lane is done reading stage nx % STAGES (chunk i - 1)
-        if (nx < n_my) issue(nx % STAGES, nx, pblk);
+        if (nx < n_my) issue(nx % STAGES, nx, blk_of(nx), -1);
         pa3_cp_async_commit();
-        pblk = fetch(nx + 1);
         pa3_cp_async_wait<STAGES - 1>();
-        __syncwarp();  // other lanes' copies of chunk i are visible
-
+        __syncwarp();  // other lanes' copies (and the patched row) of chunk i are visible
         const unsigned st = ring + (unsigned)((i % STAGES) * C::STAGE_ELEMS * 2);
         float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -1152,38 +1260,3 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     WB_PAGED_ATTENTION_V3(T, S, 256)
 WB_PAGED_ATTENTION_V3_DIMS(__nv_bfloat16, bf16)
 WB_PAGED_ATTENTION_V3_DIMS(__half, f16)
-
-// Ring-depth experiment (e2e A/B, WB_PA5_STAGES on the host): v5 and v5f
-// with 4 or 6 stages for head_dim 64 and 128, bf16 only:
-// paged_attention_v5{,f}_d{D}_s{S}_bf16.
-#define WB_PA5_STAGES(D, S)                                                                      \
-    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 1)                              \
-        paged_attention_v5_d##D##_s##S##_bf16(                                                   \
-            __nv_bfloat16* out, float* part_o, float* part_ml, const __nv_bfloat16* q,           \
-            const __nv_bfloat16* k_cache, const __nv_bfloat16* v_cache, const int* block_tables, \
-            const int* context_lens, float scale, int q_heads, int kv_heads, int block_size,     \
-            int max_blocks_per_seq, int num_blocks, int split_tokens) {                          \
-        paged_attention_v5_impl<__nv_bfloat16, D, false, S>(                                     \
-            out, part_o, part_ml, q, const_cast<__nv_bfloat16*>(k_cache),                        \
-            const_cast<__nv_bfloat16*>(v_cache), block_tables, context_lens, scale, q_heads,     \
-            kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,                  \
-            Pa3Fuse<__nv_bfloat16>{});                                                           \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 1)                              \
-        paged_attention_v5f_d##D##_s##S##_bf16(                                                  \
-            __nv_bfloat16* out, float* part_o, float* part_ml, const __nv_bfloat16* qkv,         \
-            __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const int* block_tables,             \
-            const int* context_lens, float scale, int q_heads, int kv_heads, int block_size,     \
-            int max_blocks_per_seq, int num_blocks, int split_tokens, const __nv_bfloat16* bias, \
-            const int* positions, const float* cos_sin, const i64* slot_mapping,                 \
-            int max_positions, i64 num_slots) {                                                  \
-        paged_attention_v5_impl<__nv_bfloat16, D, true, S>(                                      \
-            out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
-            q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
-            Pa3Fuse<__nv_bfloat16>{bias, positions, cos_sin, slot_mapping, max_positions,       \
-                                   num_slots});                                                  \
-    }
-WB_PA5_STAGES(64, 4)
-WB_PA5_STAGES(64, 6)
-WB_PA5_STAGES(128, 4)
-WB_PA5_STAGES(128, 6)

@@ -40,23 +40,7 @@ const V3_HEAD_DIMS: &[usize] = &[32, 64, 80, 96, 128, 256];
 /// tokens, K and V rows of head_dim + 8 16-bit elements (Pa3Cfg::SMEM_BYTES).
 fn v3_smem_bytes(head_dim: usize) -> usize {
     let stages = if head_dim <= 128 { 3 } else { 2 };
-    ring_bytes(head_dim, stages)
-}
-
-/// The ring of `stages` chunks per warp (Pa3Cfg::SMEM_BYTES for that depth).
-fn ring_bytes(head_dim: usize, stages: usize) -> usize {
     (V3_THREADS as usize / 32) * stages * 2 * 16 * (head_dim + 8) * 2
-}
-
-/// The ring-depth experiment: `WB_PA5_STAGES=4|6` makes v5/v5f use the
-/// entry points compiled with that many stages (bf16, head_dim 64 or 128
-/// only; the e2e A/B of 2026-11-26). Returns the symbol suffix and depth.
-fn v5_stages<T: Storage>(head_dim: usize) -> Option<(String, usize)> {
-    let s: usize = std::env::var("WB_PA5_STAGES").ok()?.parse().ok()?;
-    let ok = T::DTYPE == crate::dtype::DType::BF16
-        && (head_dim == 64 || head_dim == 128)
-        && (s == 4 || s == 6);
-    ok.then(|| (format!("_s{s}"), s))
 }
 
 /// v3's split-KV plan: (splits, tokens per split). The blocks of all splits
@@ -538,20 +522,14 @@ fn launch_v3<T: Storage>(
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
 
-/// v3's (and v3f's) function, shared memory opt-in and split plan for
-/// `symbol` (`paged_attention_v3{,f}_d{head_dim}`).
+/// v3's (and v3f's, v5's, v5f's) function, shared memory opt-in and split
+/// plan for `symbol` (`paged_attention_v{3,5}{,f}_d{head_dim}`).
 fn v3_plan<T: Storage>(
     gpu: &Gpu,
     symbol: String,
     d: PagedAttentionDims,
 ) -> Result<(cudarc::driver::CudaFunction, SplitLaunch)> {
-    let (symbol, smem) = match symbol.starts_with("paged_attention_v5") {
-        true => match v5_stages::<T>(d.head_dim) {
-            Some((suffix, st)) => (symbol + &suffix, ring_bytes(d.head_dim, st)),
-            None => (symbol, v3_smem_bytes(d.head_dim)),
-        },
-        false => (symbol, v3_smem_bytes(d.head_dim)),
-    };
+    let smem = v3_smem_bytes(d.head_dim);
     let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
     // More than the default 48 KiB of dynamic shared memory must be opted into.
     f.set_attribute(
