@@ -1025,8 +1025,20 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     bool bad = false;
     // Copy chunk i (block id blk) into ring stage st. Piece p = lane + 32 k
     // of the 16 x CPR 16-byte pieces is token p / CPR, 16-byte column
-    // p % CPR; tokens past the split's end and a bad block id zero-fill;
+    // p % CPR: its cache offset from the chunk's first slot and its stage
+    // offset are the same for every chunk (computed once). A full chunk
+    // (the common case) copies unconditionally; the split's last chunk
+    // zero-fills tokens past its end, a bad block id zero-fills all, and
     // token `skip` is left for the caller.
+    int p_off[C::CPR / 2];
+    unsigned p_so[C::CPR / 2];
+#pragma unroll
+    for (int k = 0; k < C::CPR / 2; ++k) {
+        const int p = lane + 32 * k;
+        const int t = p / C::CPR, col = p - t * C::CPR;
+        p_off[k] = t * (int)row + col * 8;
+        p_so[k] = (unsigned)((t * C::RS + col * 8) * 2);
+    }
     auto issue = [&](int st, int i, int blk, int skip) {
         const int j0 = j0_of(i);
         const int tt = end - j0;
@@ -1037,16 +1049,21 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         const T* vc = vbase + (ok_blk ? slot0 * row : 0);
         const unsigned kdst = ring + (unsigned)(st * C::STAGE_ELEMS * 2);
         const unsigned vdst = kdst + (unsigned)(PA3_CHUNK * C::RS * 2);
+        if (ok_blk && tt >= PA3_CHUNK && skip < j0) {
+#pragma unroll
+            for (int k = 0; k < C::CPR / 2; ++k) {
+                pa3_cp_async16(kdst + p_so[k], kc + p_off[k], true);
+                pa3_cp_async16(vdst + p_so[k], vc + p_off[k], true);
+            }
+            return;
+        }
 #pragma unroll
         for (int k = 0; k < C::CPR / 2; ++k) {
-            const int p = lane + 32 * k;
-            const int t = p / C::CPR, col = p - t * C::CPR;
+            const int t = (lane + 32 * k) / C::CPR;
             if (j0 + t == skip) continue;
             const bool ok = ok_blk && t < tt;
-            const int off = ok ? t * (int)row + col * 8 : 0;
-            const unsigned so = (unsigned)((t * C::RS + col * 8) * 2);
-            pa3_cp_async16(kdst + so, kc + off, ok);
-            pa3_cp_async16(vdst + so, vc + off, ok);
+            pa3_cp_async16(kdst + p_so[k], kc + (ok ? p_off[k] : 0), ok);
+            pa3_cp_async16(vdst + p_so[k], vc + (ok ? p_off[k] : 0), ok);
         }
     };
 

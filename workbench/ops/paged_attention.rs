@@ -51,14 +51,14 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "v3",
         note: "v2's grid on tensor cores: mma.m16n8k16 for Q.K^T and P.V, per-warp cp.async rings, online softmax in registers, one resident wave of splits (f32 runs v2)",
-        production: true,
+        production: false,
     },
     // v4 (the last block of a split sequence merging the partials) was
     // slower everywhere and reverted: CHALLENGES #16.
     Variant {
         name: "v5",
-        note: "v3 with a quarter of its instructions: one block-table load per 16-token chunk (power-of-two blocks >= 16; others run v3), ex2.approx, rescale only when the max grows, masking only the last chunk",
-        production: false,
+        note: "v3 with a quarter of its instructions: one block-table load per 16-token chunk (power-of-two blocks >= 16; others run v3), ex2.approx, rescale only when the max grows, masking only the last chunk, block ids in batches of 32 chunks, loop-invariant copy offsets",
+        production: true,
     },
 ];
 
