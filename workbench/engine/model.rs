@@ -558,7 +558,16 @@ where
             (Some(sq), true) => Some(self.upload_seqs(gpu, sq, t, inp.mbps)?),
             _ => None,
         };
-        self.launch_forward_marked(gpu, t, n, inp.mbps, seqs, None, false)?;
+        // Fused decode attention needs one row per sequence (each row's
+        // context written before the launch): not prefill run as rows,
+        // whose rows share their sequence's block table (first block).
+        let decode = inp.seqs.is_none() && {
+            let firsts: std::collections::HashSet<i32> = (0..t)
+                .map(|i| inp.tables.get(i * inp.mbps).copied().unwrap_or(-1))
+                .collect();
+            firsts.len() == t
+        };
+        self.launch_forward_marked(gpu, t, n, inp.mbps, seqs, decode, None, false)?;
         self.last_rows = n;
         Ok(())
     }
@@ -734,7 +743,7 @@ where
         let mut per = OpTimes::default();
         for _ in 0..reps.max(1) {
             let mut marks = Vec::new();
-            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks), false)?;
+            self.launch_forward_marked(gpu, t, n, inp.mbps, None, true, Some(&mut marks), false)?;
             gpu.synchronize()?;
             per.add(&marks)?;
         }
@@ -756,7 +765,7 @@ where
         gpu.synchronize()?;
         let mut marks = Vec::new();
         let graph = capture(gpu, "profile", || {
-            self.launch_forward_marked(gpu, t, n, inp.mbps, None, Some(&mut marks), true)
+            self.launch_forward_marked(gpu, t, n, inp.mbps, None, true, Some(&mut marks), true)
         })?;
         graph
             .launch()
@@ -836,11 +845,14 @@ where
         n: usize,
         mbps: usize,
     ) -> Result<(), ModelError> {
-        self.launch_forward_marked(gpu, t, n, mbps, None, None, false)
+        self.launch_forward_marked(gpu, t, n, mbps, None, true, None, false)
     }
 
     /// [`GpuModel::launch_forward`], recording a timing event before each
     /// op into `marks` (label, event) when given, and one `end` mark.
+    /// `decode`: every row is its own sequence's one new token (decode
+    /// attention may then store that token itself: v3f/v5f); false for a
+    /// prefill, whether by the prefill kernel (`seqs`) or as decode rows.
     #[allow(clippy::too_many_arguments)]
     fn launch_forward_marked(
         &mut self,
@@ -849,6 +861,7 @@ where
         n: usize,
         mbps: usize,
         seqs: Option<(usize, usize)>,
+        decode: bool,
         mut marks: Option<&mut Vec<(&'static str, CudaEvent)>>,
         in_graph: bool,
     ) -> Result<(), ModelError> {
@@ -951,7 +964,7 @@ where
             )?;
             // Decode with v3f: attention adds the bias, rotates and stores
             // the new token itself (one launch fewer per layer).
-            let fused = seqs.is_none() && fuse_qkv;
+            let fused = decode && seqs.is_none() && fuse_qkv;
             if !fused {
                 mark("qkv bias + rope + kv store")?;
                 kernels::rope_kv_store::qkv_rope_kv_store(
