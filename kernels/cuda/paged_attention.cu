@@ -531,6 +531,36 @@ template <> struct Pa3Mma<__half> {
     }
 };
 
+// S = Q K^T for one 16-token chunk: k_addr is this lane's ldmatrix row in
+// the stage's K rows (see the layout comment); s0, s1 the two n8 tiles.
+template <typename T, int D>
+__device__ __forceinline__ void pa3_scores(float (&s0)[4], float (&s1)[4],
+                                           const unsigned (&qa)[D / 16][4], unsigned k_addr) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s0[e] = s1[e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned kb[4];
+        pa3_ldmatrix_x4(kb, k_addr + kk * 32);
+        Pa3Mma<T>::mma(s0, qa[kk], kb[0], kb[1]);
+        Pa3Mma<T>::mma(s1, qa[kk], kb[2], kb[3]);
+    }
+}
+
+// O += P V for one chunk: v_addr is this lane's ldmatrix.trans row in the
+// stage's V rows; pa the A fragments of P.
+template <typename T, int D>
+__device__ __forceinline__ void pa3_pv(float (&acc)[D / 8][4], const unsigned (&pa)[4],
+                                       unsigned v_addr) {
+#pragma unroll
+    for (int nn = 0; nn < D / 8; nn += 2) {
+        unsigned vb[4];
+        pa3_ldmatrix_x4_trans(vb, v_addr + nn * 16);
+        Pa3Mma<T>::mma(acc[nn], pa, vb[0], vb[1]);
+        Pa3Mma<T>::mma(acc[nn + 1], pa, vb[2], vb[3]);
+    }
+}
+
 // Four storage elements: one 8-byte store of the output.
 template <typename T> struct alignas(8) Pa3Out4 { T v[4]; };
 
@@ -555,6 +585,53 @@ struct Pa3Shared {
     int bad;
 };
 
+// The fused prologue's work (v3f, v5f), spread over the block's threads:
+// the group's G q rows of the projection row src, biased and rotated, into
+// sq [G][D]; and when new_slot >= 0 the new token's k (biased, rotated) and
+// v (biased) into the caches at new_slot, and also into s_new [2][D] when
+// given. Work items: G * D/2N q chunks, D/2N k chunks, D/N v pieces, with
+// qkv_rope_kv_store's roundings (rotate_chunk, add_bias16).
+template <typename T, int D>
+__device__ __forceinline__ void pa3_rope_items(T* sq, T* s_new, const T* src, const Pa3Fuse<T>& fz,
+                                               const float* cs, bool pvalid, int G, int kvh,
+                                               int q_heads, int kv_heads, i64 new_slot,
+                                               T* k_cache, T* v_cache) {
+    constexpr int N = Vec16<T>::N, HALF = D / 2, HC = HALF / N;
+    static_assert(HALF % N == 0, "v3f/v5f need head_dim / 2 a multiple of the 16-byte vector");
+    const i64 row = (i64)kv_heads * D;
+    const int items = G * HC + (new_slot >= 0 ? HC + D / N : 0);
+    for (int it = threadIdx.x; it < items; it += PA3_WARPS * 32) {
+        if (it < G * HC) {
+            const int h = it / HC, i = (it - h * HC) * N;
+            const int col = (kvh * G + h) * D;
+            Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
+            Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
+            rotate_chunk(a, c2, cs, i, HALF, pvalid);
+            store16(sq + h * D + i, a);
+            store16(sq + h * D + HALF + i, c2);
+        } else if (it < (G + 1) * HC) {
+            const int i = (it - G * HC) * N;
+            const int col = q_heads * D + kvh * D;
+            Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
+            Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
+            rotate_chunk(a, c2, cs, i, HALF, pvalid);
+            T* dst = k_cache + new_slot * row + kvh * D;
+            store16(dst + i, a);
+            store16(dst + HALF + i, c2);
+            if (s_new != nullptr) {
+                store16(s_new + i, a);
+                store16(s_new + HALF + i, c2);
+            }
+        } else {
+            const int j = (it - (G + 1) * HC) * N;
+            const int col = (q_heads + kv_heads) * D + kvh * D;
+            const Vec16<T> v = add_bias16(load16(src + col + j), fz.bias + col + j);
+            store16(v_cache + new_slot * row + kvh * D + j, v);
+            if (s_new != nullptr) store16(s_new + D + j, v);
+        }
+    }
+}
+
 // v3's and v5's q: the A operand fragments qa of the group's rows (zero
 // rows past G), from q [batch, q_heads, D], or with FUSED (v3f, v5f) from
 // the projection row after the fused prologue (below) put the group's
@@ -569,11 +646,9 @@ __device__ __forceinline__ void pa3_load_q(unsigned (&qa)[Pa3Cfg<D>::KSTEPS][4],
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     // v3f: the group's q rows, biased and rotated, go to the ring (unused
     // until the pipeline starts) as [G][D]; the new token's k and v go to
-    // the caches. Work items: G * D/2N q chunks, D/2N k chunks, D/N v pieces.
+    // the caches (pa3_rope_items).
     const T* q_rows = q + ((i64)b * q_heads + (i64)kvh * G) * D;
     if constexpr (FUSED) {
-        constexpr int N = Vec16<T>::N, HALF = D / 2, HC = HALF / N;
-        static_assert(HALF % N == 0, "v3f needs head_dim / 2 a multiple of the 16-byte vector");
         const i64 qkv_row = (i64)(q_heads + 2 * kv_heads) * D;
         const T* src = q + (i64)b * qkv_row;
         const int pos = fz.positions[b];
@@ -583,32 +658,8 @@ __device__ __forceinline__ void pa3_load_q(unsigned (&qa)[Pa3Cfg<D>::KSTEPS][4],
         const i64 slot = owner ? fz.slot_mapping[b] : -1;
         const bool store = slot >= 0 && slot < fz.num_slots;
         T* sq = reinterpret_cast<T*>(smem);
-        const int items = G * HC + (store ? HC + D / N : 0);
-        for (int it = threadIdx.x; it < items; it += PA3_WARPS * 32) {
-            if (it < G * HC) {
-                const int h = it / HC, i = (it - h * HC) * N;
-                const int col = (kvh * G + h) * D;
-                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
-                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
-                rotate_chunk(a, c2, cs, i, HALF, pvalid);
-                store16(sq + h * D + i, a);
-                store16(sq + h * D + HALF + i, c2);
-            } else if (it < (G + 1) * HC) {
-                const int i = (it - G * HC) * N;
-                const int col = q_heads * D + kvh * D;
-                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
-                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
-                rotate_chunk(a, c2, cs, i, HALF, pvalid);
-                T* dst = k_cache + slot * (i64)kv_heads * D + kvh * D;
-                store16(dst + i, a);
-                store16(dst + HALF + i, c2);
-            } else {
-                const int j = (it - (G + 1) * HC) * N;
-                const int col = (q_heads + kv_heads) * D + kvh * D;
-                store16(v_cache + slot * (i64)kv_heads * D + kvh * D + j,
-                        add_bias16(load16(src + col + j), fz.bias + col + j));
-            }
-        }
+        pa3_rope_items<T, D>(sq, nullptr, src, fz, cs, pvalid, G, kvh, q_heads, kv_heads,
+                             store ? slot : -1, k_cache, v_cache);
         // The rotated q is read below, and the new token's row by this
         // block's cp.async copies (which read through L2, where the stores
         // went): the barrier orders both.
@@ -862,14 +913,8 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
         const int tt = end - (start + (warp + PA3_WARPS * i) * PA3_CHUNK);
 
         // S = Q K^T for the chunk's 16 tokens.
-        float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int kk = 0; kk < C::KSTEPS; ++kk) {
-            unsigned kb[4];
-            pa3_ldmatrix_x4(kb, st + k_lane + kk * 32);
-            M::mma(s0, qa[kk], kb[0], kb[1]);
-            M::mma(s1, qa[kk], kb[2], kb[3]);
-        }
+        float s0[4], s1[4];
+        pa3_scores<T, D>(s0, s1, qa, st + k_lane);
         // Scale to log2 units and mask: s0[e] is token 2c + (e & 1), s1[e]
         // token 8 + 2c + (e & 1); e < 2 row g, e >= 2 row g + 8.
 #pragma unroll
@@ -912,13 +957,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
             acc[nn][3] *= cr1;
         }
         // O += P V (masked tokens have P = 0 and zero-filled V rows).
-#pragma unroll
-        for (int nn = 0; nn < C::NT; nn += 2) {
-            unsigned vb[4];
-            pa3_ldmatrix_x4_trans(vb, st + v_lane + nn * 16);
-            M::mma(acc[nn], pa, vb[0], vb[1]);
-            M::mma(acc[nn + 1], pa, vb[2], vb[3]);
-        }
+        pa3_pv<T, D>(acc, pa, st + v_lane);
     }
 
     pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
@@ -962,7 +1001,6 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
                                         Pa3Fuse<T> fz) {
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
-    constexpr int N = Vec16<T>::N, HALF = D / 2, HC = HALF / N;
     extern __shared__ __align__(16) unsigned char pa3_smem[];
     __shared__ Pa3Shared sh;
     __shared__ __align__(16) T s_new[2][D];  // v5f: the new token's k and v rows
@@ -1080,42 +1118,14 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     unsigned qa[C::KSTEPS][4];
     const T* q_rows = q + ((i64)b * q_heads + (i64)kvh * G) * D;
     if constexpr (FUSED) {
-        static_assert(HALF % N == 0, "v5f needs head_dim / 2 a multiple of the 16-byte vector");
         T* sq = reinterpret_cast<T*>(pa3_smem + ((PA3_WARPS * STAGES - 1) * C::STAGE_ELEMS) * 2);
         const i64 qkv_row = (i64)(q_heads + 2 * kv_heads) * D;
         const T* src = q + (i64)b * qkv_row;
         const int pos = fz.positions[b];
         const bool pvalid = pos >= 0 && pos < fz.max_positions;
         const float* cs = fz.cos_sin + (i64)(pvalid ? pos : 0) * D;
-        const int items = G * HC + (new_slot >= 0 ? HC + D / N : 0);
-        for (int it = threadIdx.x; it < items; it += PA3_WARPS * 32) {
-            if (it < G * HC) {
-                const int h = it / HC, i = (it - h * HC) * N;
-                const int col = (kvh * G + h) * D;
-                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
-                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
-                rotate_chunk(a, c2, cs, i, HALF, pvalid);
-                store16(sq + h * D + i, a);
-                store16(sq + h * D + HALF + i, c2);
-            } else if (it < (G + 1) * HC) {
-                const int i = (it - G * HC) * N;
-                const int col = q_heads * D + kvh * D;
-                Vec16<T> a = add_bias16(load16(src + col + i), fz.bias + col + i);
-                Vec16<T> c2 = add_bias16(load16(src + col + HALF + i), fz.bias + col + HALF + i);
-                rotate_chunk(a, c2, cs, i, HALF, pvalid);
-                T* dst = k_cache + new_slot * row + kvh * D;
-                store16(dst + i, a);
-                store16(dst + HALF + i, c2);
-                store16(&s_new[0][i], a);
-                store16(&s_new[0][HALF + i], c2);
-            } else {
-                const int j = (it - (G + 1) * HC) * N;
-                const int col = (q_heads + kv_heads) * D + kvh * D;
-                const Vec16<T> v = add_bias16(load16(src + col + j), fz.bias + col + j);
-                store16(v_cache + new_slot * row + kvh * D + j, v);
-                store16(&s_new[1][j], v);
-            }
-        }
+        pa3_rope_items<T, D>(sq, &s_new[0][0], src, fz, cs, pvalid, G, kvh, q_heads, kv_heads,
+                             new_slot, k_cache, v_cache);
         // The rotated q and the new rows are in shared memory, the new rows
         // in the caches (read through L2 by the ring's later copies).
         __syncthreads();
@@ -1175,14 +1185,8 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         pa3_cp_async_wait<STAGES - 1>();
         __syncwarp();  // other lanes' copies (and the patched row) of chunk i are visible
         const unsigned st = ring + (unsigned)((i % STAGES) * C::STAGE_ELEMS * 2);
-        float s0[4] = {0.f, 0.f, 0.f, 0.f}, s1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int kk = 0; kk < C::KSTEPS; ++kk) {
-            unsigned kb[4];
-            pa3_ldmatrix_x4(kb, st + k_lane + kk * 32);
-            M::mma(s0, qa[kk], kb[0], kb[1]);
-            M::mma(s1, qa[kk], kb[2], kb[3]);
-        }
+        float s0[4], s1[4];
+        pa3_scores<T, D>(s0, s1, qa, st + k_lane);
         const int tt = end - j0_of(i);
         if (tt < PA3_CHUNK) {  // the split's last chunk: tokens t >= tt masked
 #pragma unroll
@@ -1227,13 +1231,7 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         const float2 u2 = M::unpack(pa[2]), u3 = M::unpack(pa[3]);
         l0 += (u0.x + u0.y) + (u2.x + u2.y);
         l1 += (u1.x + u1.y) + (u3.x + u3.y);
-#pragma unroll
-        for (int nn = 0; nn < C::NT; nn += 2) {
-            unsigned vb[4];
-            pa3_ldmatrix_x4_trans(vb, st + v_lane + nn * 16);
-            M::mma(acc[nn], pa, vb[0], vb[1]);
-            M::mma(acc[nn + 1], pa, vb[2], vb[3]);
-        }
+        pa3_pv<T, D>(acc, pa, st + v_lane);
     }
     pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
                      split, splits);

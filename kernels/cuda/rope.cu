@@ -81,26 +81,10 @@ __device__ void rope_v2_impl(T* __restrict__ q, T* __restrict__ k, const int* __
             T* x = h < q_heads ? q + ((i64)t * q_heads + h) * head_dim
                                : k + ((i64)t * kv_heads + (h - q_heads)) * head_dim;
             const int pos = positions[t];
+            const bool valid = pos >= 0 && pos < max_positions;
             const int i = c * N;
             Vec16<T> a = load16(x + i), b = load16(x + half + i);
-            if (pos < 0 || pos >= max_positions) {
-#pragma unroll
-                for (int j = 0; j < N; ++j) a.v[j] = b.v[j] = from_f32<T>(WB_NAN);
-            } else {
-                const float* cs = cos_sin + (i64)pos * head_dim;
-                float cv[N], sv[N];
-#pragma unroll
-                for (int j = 0; j < N; j += 4) {
-                    *reinterpret_cast<float4*>(cv + j) = *reinterpret_cast<const float4*>(cs + i + j);
-                    *reinterpret_cast<float4*>(sv + j) = *reinterpret_cast<const float4*>(cs + half + i + j);
-                }
-#pragma unroll
-                for (int j = 0; j < N; ++j) {
-                    const float x1 = to_f32(a.v[j]), x2 = to_f32(b.v[j]);
-                    a.v[j] = from_f32<T>(x1 * cv[j] - x2 * sv[j]);
-                    b.v[j] = from_f32<T>(x2 * cv[j] + x1 * sv[j]);
-                }
-            }
+            rotate_chunk(a, b, cos_sin + (i64)(valid ? pos : 0) * head_dim, i, half, valid);
             store16(x + i, a);
             store16(x + half + i, b);
         }

@@ -167,31 +167,15 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        "v3" => return launch_v3(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        "v5" if v5_takes::<T>(&d) => {
-            if !v3_aligned(gpu, out, q, k_cache, v_cache) {
-                return paged_attention(
-                    gpu,
-                    out,
-                    q,
-                    k_cache,
-                    v_cache,
-                    block_tables,
-                    context_lens,
-                    d,
-                    "v1",
-                );
-            }
-            let symbol = format!("paged_attention_v5_d{}", d.head_dim);
-            let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
-            let inputs = Inputs::Plain {
-                q,
-                k_cache,
-                v_cache,
+        // v5 where it takes the case, v3 (with its own fallbacks) elsewhere.
+        "v3" | "v5" => {
+            let v = match variant == "v5" && v5_takes::<T>(&d) {
+                true => "v5",
+                false => "v3",
             };
-            return launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d);
+            let (o, tb, cl) = (out, block_tables, context_lens);
+            return launch_v3(gpu, o, q, k_cache, v_cache, tb, cl, d, v);
         }
-        "v5" => return launch_v3(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
         other => {
             return Err(KernelError::Unsupported {
                 op: OP,
@@ -477,7 +461,8 @@ fn v3_aligned<T: Storage>(
 /// operands, which cannot keep f32's 1e-5 accuracy. Head dims without a v3
 /// entry point go to v2 as well, and buffers that are not 16-byte aligned
 /// (a view at an odd offset) to v1, the only variant without vector loads.
-/// Shapes were checked by the caller.
+/// Shapes were checked by the caller. `version` "v5" runs v5 (the caller
+/// checked `v5_takes`) on the same path.
 #[allow(clippy::too_many_arguments)]
 fn launch_v3<T: Storage>(
     gpu: &Gpu,
@@ -488,6 +473,7 @@ fn launch_v3<T: Storage>(
     block_tables: &CudaView<i32>,
     context_lens: &CudaView<i32>,
     d: PagedAttentionDims,
+    version: &str,
 ) -> Result<()> {
     let group = d.q_heads / d.kv_heads;
     if group > V3_MAX_GROUP {
@@ -512,7 +498,7 @@ fn launch_v3<T: Storage>(
             "v1",
         );
     }
-    let symbol = format!("paged_attention_v3_d{}", d.head_dim);
+    let symbol = format!("paged_attention_{version}_d{}", d.head_dim);
     let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
     let inputs = Inputs::Plain {
         q,
