@@ -79,6 +79,9 @@ struct Params {
     pool: usize,
     /// Launcher cap on tokens per split (0: none).
     max_split: usize,
+    /// NaN in live data: q of sequence 0, head 0, and K of the last
+    /// sequence's first token, kv head 0 (those outputs must come out NaN).
+    nan: bool,
 }
 
 impl Params {
@@ -101,6 +104,7 @@ fn params(case: &Case) -> Result<Params, CaseError> {
         ragged: case.flag("ragged")?,
         pool: case.parse_or("pool", 3usize, "a positive integer")?.max(1),
         max_split: case.parse_or("max_split", 0usize, "tokens per split, 0 for no cap")?,
+        nan: case.parse_or("nan", 0u8, "0 or 1")? == 1,
     };
     let bad = |key: &str, value: usize, want: &str| CaseError::Value {
         case: case.to_string(),
@@ -161,6 +165,7 @@ impl Op for PagedAttention {
             "ragged",
             "pool",
             "max_split",
+            "nan",
         ]
     }
     fn sabotages(&self) -> &'static [Sabotage] {
@@ -193,6 +198,14 @@ impl Op for PagedAttention {
         for (cap, q, kv, d) in [(64, 14, 2, 64), (128, 28, 4, 128)] {
             v.push(case(9, q, kv, d, 16, 700, 1, Gen::Randn).with("max_split", cap));
         }
+        // NaN in live q and K must come out NaN, never a plausible 0 (a
+        // small batch splits; so does the cap), CHALLENGES #17.
+        v.push(case(3, 14, 2, 64, 16, 300, 1, Gen::Randn).with("nan", 1));
+        v.push(
+            case(4, 28, 4, 128, 16, 500, 0, Gen::Randn)
+                .with("nan", 1)
+                .with("max_split", 64),
+        );
         // Long contexts.
         v.push(case(2, 12, 2, 128, 32, 4097, 1, Gen::Randn));
         v.push(case(1, 28, 4, 128, 16, 32768, 0, Gen::Randn));
@@ -360,11 +373,19 @@ fn run_t<T: Stored>(
             });
         c
     };
-    let (kc, vc) = (scatter(&kvals), scatter(&vvals));
+    let (mut kc, vc) = (scatter(&kvals), scatter(&vvals));
     drop((kvals, vvals, owner));
     let qn = p.batch * p.q_heads * p.head_dim;
     let mut q = g.fill(&mut rng, qn, p.head_dim, LARGE_QK); // [batch, q_heads, head_dim]
     gen::round_all(&mut q, dtype);
+    if p.nan && qn > 0 {
+        q[0] = f64::NAN; // sequence 0, head 0, dim 0
+        let last = p.batch - 1;
+        if lens[last] > 0 {
+            // The last sequence's token 0, kv head 0, dim 0.
+            kc[tables[last * mbps] as usize * bs * row] = f64::NAN;
+        }
+    }
     let scale = 1.0 / (p.head_dim as f64).sqrt();
 
     // Reference, sequences in parallel. The same attention over |V| gives
