@@ -51,6 +51,7 @@ fn config(num_blocks: usize) -> EngineConfig {
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
+        pdl: true,
     }
 }
 

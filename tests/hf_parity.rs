@@ -371,6 +371,7 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
+        pdl: true,
     };
     // Batch 1: one sequence at a time.
     let solo: Vec<Vec<u32>> = prompts

@@ -767,6 +767,7 @@ pub fn engine_config(
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
+        pdl: true,
     })
 }
 

@@ -97,6 +97,10 @@ struct E2eArgs {
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
+    /// Launch every kernel in plain stream order, without programmatic
+    /// dependent launch (the path before PDL; bit-identical results).
+    #[arg(long)]
+    no_pdl: bool,
     /// GEMM path of the linear layers: cublas (cublasGemmEx, the default) or
     /// lt-tuned (cuBLASLt, the fastest of its candidates timed once per
     /// decode shape: measured no faster per step, and its tuning and
@@ -603,6 +607,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             .copied()
             .unwrap_or(kernels::paged_attention::PRODUCTION),
         gemm: a.gemm,
+        pdl: !a.no_pdl,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
     let src = match &ckpt {
@@ -638,6 +643,26 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         requests.iter().map(|r| r.prompt.len()).sum::<usize>(),
         requests.iter().map(|r| r.max_tokens).sum::<usize>(),
         a.temperature
+    );
+    println!(
+        "decode path: paged_attention {}{}, {}, GEMMs {}, {}",
+        ec.decode_attention,
+        if ec.fused_decode_qkv {
+            " with the fused q|k|v prologue"
+        } else {
+            " after qkv_rope_kv_store"
+        },
+        if ec.pdl && gpu.info().compute_capability.0 >= 9 {
+            "programmatic dependent launch on"
+        } else {
+            "programmatic dependent launch off"
+        },
+        format!("{:?}", ec.gemm).to_lowercase(),
+        if ec.cuda_graphs {
+            "CUDA graphs"
+        } else {
+            "eager"
+        },
     );
     let res = match a.dtype {
         DType::BF16 => {

@@ -87,6 +87,19 @@ __device__ __forceinline__ Vec16<T> add_bias16(Vec16<T> x, const T* b) {
     return x;
 }
 
+// Programmatic dependent launch (sm_90+): with the launch attribute set
+// (kernels/src/launch.rs, `Gpu::set_pdl`), a kernel may start while the
+// previous kernel of the stream is still draining. pdl_wait() blocks until
+// that kernel has completed and its writes are visible; a kernel launched
+// that way must call it before reading what the previous kernel writes and
+// before writing anything. Without the attribute (or before sm_90) it
+// returns at once.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -70,6 +70,7 @@ __device__ void paged_attention_v1_impl(T* __restrict__ out, const T* __restrict
                                         const int* __restrict__ context_lens, float scale,
                                         int q_heads, int kv_heads, int head_dim, int block_size,
                                         int max_blocks_per_seq, int num_blocks) {
+    pdl_wait();
     __shared__ float s_m[PA_WARPS];
     __shared__ float s_l[PA_WARPS];
     __shared__ float s_acc[PA_WARPS][32 * PA_MAX_CHUNKS];
@@ -192,6 +193,7 @@ __device__ void paged_attention_v2_impl(T* __restrict__ out, float* __restrict__
                                         const int* __restrict__ context_lens, float scale,
                                         int q_heads, int kv_heads, int head_dim, int block_size,
                                         int max_blocks_per_seq, int num_blocks, int split_tokens) {
+    pdl_wait();
     constexpr int N = Vec16<T>::N;
     // Work items (head, chunk of N dims) per thread: enough for G=16, d=256.
     constexpr int IPT = (PA2_MAX_G * PA2_MAX_D / N + PA2_THREADS - 1) / PA2_THREADS;
@@ -356,6 +358,7 @@ template <typename T>
 __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __restrict__ part_o,
                                            const float* __restrict__ part_ml, int q_heads,
                                            int head_dim, int splits) {
+    pdl_wait();
     const int h = blockIdx.x, b = blockIdx.y;
     const i64 base = ((i64)b * q_heads + h) * splits;
     float M = WB_NEG_INF;
@@ -801,6 +804,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
                                         int q_heads, int kv_heads, int block_size,
                                         int max_blocks_per_seq, int num_blocks, int split_tokens,
                                         Pa3Fuse<T> fz) {
+    pdl_wait();
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
     // [warps][STAGES][K rows | V rows][16][D + 8] storage elements; after the
@@ -1004,6 +1008,10 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
     extern __shared__ __align__(16) unsigned char pa3_smem[];
     __shared__ Pa3Shared sh;
     __shared__ __align__(16) T s_new[2][D];  // v5f: the new token's k and v rows
+    // Unfused, q and the new token's cache row come from the previous
+    // kernel: wait for it first. v5f waits after its first ring copies (see
+    // below).
+    if constexpr (!FUSED) pdl_wait();
 
     const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1111,6 +1119,13 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         if (s < n_my) issue(s, s, blk_of(s), skip_j);
         pa3_cp_async_commit();
     }
+
+    // v5f: everything above read only what the previous kernel (the q|k|v
+    // projection) does not write: context lengths, block tables, slot
+    // mapping and the cache's older tokens. The projection is read below.
+    // Launched with programmatic dependent launch, this is the point where
+    // the block waits for that kernel; the copies above overlap its tail.
+    if constexpr (FUSED) pdl_wait();
 
     // q as the A operand (rows >= G zero). v5f: the group's rows, biased
     // and rotated, staged in the last warp's last ring stage (not written

@@ -27,6 +27,7 @@ template <typename T, bool kFused>
 __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
                             const T* __restrict__ x, const T* __restrict__ weight,
                             float eps, int hidden) {
+    pdl_wait();
     __shared__ float scratch[32];
     const int row = blockIdx.x;
     const i64 base = (i64)row * hidden;
@@ -92,6 +93,7 @@ template <typename T, bool kFused>
 __device__ void rmsnorm_v2_rows(T* __restrict__ out, T* __restrict__ residual,
                                 const T* __restrict__ x, const T* __restrict__ weight, float eps,
                                 int tokens, int hidden) {
+    pdl_wait();
     constexpr int N = Vec16<T>::N;
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * RMS_V2_ROWS + (threadIdx.x >> 5);

@@ -17,6 +17,7 @@ __device__ __forceinline__ float silu_f32(float g) {
 template <typename T>
 __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ input, i64 tokens,
                               int inter) {
+    pdl_wait();
     constexpr int N = Vec16<T>::N;
     const i64 stride = (i64)gridDim.x * blockDim.x;
     const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;

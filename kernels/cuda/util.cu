@@ -55,6 +55,7 @@ extern "C" __global__ void copy_vec16(uint4* __restrict__ dst, const uint4* __re
 template <typename T>
 __device__ void gather_rows_impl(T* __restrict__ out, const T* __restrict__ src,
                                  const int* __restrict__ idx, int rows, int cols) {
+    pdl_wait();
     const int i = blockIdx.x;
     const int r = idx[i];
     T* o = out + (i64)i * cols;

@@ -33,6 +33,9 @@ pub struct Gpu {
     /// captured graph keeps the pointer it saw, so callers size it first.
     scratch: Mutex<Option<CudaSlice<u8>>>,
     scratch_generation: std::sync::atomic::AtomicU64,
+    /// Launch the kernels that support it with programmatic dependent launch
+    /// (`crate::launch::Launch`); off unless `set_pdl` turned it on.
+    pdl: std::sync::atomic::AtomicBool,
 }
 
 fn require_lib(present: bool, lib: &'static str, hint: &str) -> Result<()> {
@@ -132,6 +135,7 @@ impl Gpu {
             blas: OnceLock::new(),
             scratch: Mutex::new(None),
             scratch_generation: std::sync::atomic::AtomicU64::new(0),
+            pdl: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -145,6 +149,22 @@ impl Gpu {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Turn programmatic dependent launch on or off for the kernels that
+    /// support it (they wait on `griddepcontrol.wait` before touching what
+    /// the previous kernel writes, so the launch and their independent
+    /// prologue overlap the previous kernel's tail). Needs compute
+    /// capability 9.0+; returns whether it is now on.
+    pub fn set_pdl(&self, on: bool) -> bool {
+        let on = on && self.info.compute_capability.0 >= 9;
+        self.pdl.store(on, std::sync::atomic::Ordering::Relaxed);
+        on
+    }
+
+    /// Whether supporting kernels launch with programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn synchronize(&self) -> Result<()> {

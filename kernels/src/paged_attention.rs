@@ -4,10 +4,10 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
-use crate::launch::{cfg, grid_u32, typed_function};
+use crate::launch::{cfg, grid_u32, typed_function, Launch};
 use crate::rope::RopeTable;
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 
 const OP: &str = "paged_attention";
 
@@ -189,9 +189,8 @@ pub fn paged_attention<T: Storage>(
     // device: the kernel treats one outside [0, max_blocks_per_seq * block_size]
     // as bad (NaN output, nothing read) and range-checks every block id.
     unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(out)
+        Launch::new(gpu, &f)
+            .arg(&*out)
             .arg(q)
             .arg(k_cache)
             .arg(v_cache)
@@ -340,8 +339,8 @@ fn launch_split<T: Storage>(
         grid_u32(OP, "batch", d.batch)?,
         splits as u32,
     );
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(&mut *out).arg(&mut po).arg(&mut pml);
+    let mut b = Launch::new(gpu, f);
+    b.arg(&*out).arg(&po).arg(&pml);
     let (max_pos, num_slots) = match &inputs {
         Inputs::Fused { rope, .. } => (
             rope.max_positions as i32,
@@ -359,7 +358,7 @@ fn launch_split<T: Storage>(
             None
         }
         Inputs::Fused { a, rope } => {
-            b.arg(a.qkv).arg(a.k_cache).arg(a.v_cache);
+            b.arg(a.qkv).arg(&*a.k_cache).arg(&*a.v_cache);
             Some((a.bias, a.positions, a.slot_mapping, rope))
         }
     };
@@ -419,11 +418,10 @@ fn launch_merge<T: Storage>(
     // sized them batch*q_heads*splits*(head_dim + 2) floats), writes out
     // (length checked by `paged_attention`).
     unsafe {
-        gpu.stream()
-            .launch_builder(&m)
-            .arg(out)
-            .arg(po)
-            .arg(pml)
+        Launch::new(gpu, &m)
+            .arg(&*out)
+            .arg(&*po)
+            .arg(&*pml)
             .arg(&q_heads)
             .arg(&head_dim)
             .arg(&splits_i)
@@ -606,6 +604,11 @@ pub fn fused_qkv_supported(dtype: crate::dtype::DType, head_dim: usize) -> bool 
 /// whose slot must be the one the block table gives for token
 /// context_lens[b] - 1 of sequence b. `variant` "v5" runs v5f where v5
 /// takes the case (v3f otherwise); "v3" runs v3f.
+///
+/// With `Gpu::pdl()` on, v5f reads the context lengths, block tables, slot
+/// mapping and the cache's older rows before it waits for the previous
+/// kernel of the stream, so that kernel must not write them (in the engine
+/// it is the q|k|v GEMM, which writes only `qkv`).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_fused_qkv<T: Storage>(
     gpu: &Gpu,

@@ -3,8 +3,8 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, Result};
-use crate::launch::{cfg, grid_u32, threads_for, typed_function};
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use crate::launch::{cfg, grid_u32, threads_for, typed_function, Launch};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
 const OP: &str = "rmsnorm";
 
@@ -95,10 +95,10 @@ fn launch<T: Storage>(
     // hidden (checked by the callers and `check`); v1 runs one block per row,
     // v2 one warp per row with row < tokens.
     unsafe {
-        let mut b = gpu.stream().launch_builder(&f);
-        b.arg(out);
+        let mut b = Launch::new(gpu, &f);
+        b.arg(&*out);
         if let Some(r) = residual {
-            b.arg(r);
+            b.arg(&*r);
         }
         b.arg(x).arg(weight).arg(&eps);
         if rows_arg {

@@ -3,8 +3,8 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, Result};
-use crate::launch::{cfg, typed_function};
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use crate::launch::{cfg, typed_function, Launch};
+use cudarc::driver::{CudaView, CudaViewMut};
 
 const OP: &str = "silu_mul";
 
@@ -38,9 +38,8 @@ pub fn silu_mul<T: Storage>(
     // SAFETY: input holds tokens*2*inter and out tokens*inter elements (checked);
     // the kernel's grid-stride loop stops at tokens*inter outputs.
     unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(out)
+        Launch::new(gpu, &f)
+            .arg(&*out)
             .arg(input)
             .arg(&tokens_i)
             .arg(&inter_i)

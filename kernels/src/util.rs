@@ -97,9 +97,8 @@ pub fn gather_rows<T: Storage>(
     // SAFETY: out holds n*cols, src rows*cols (checked); one block per output
     // row; source rows are range-checked on the device.
     unsafe {
-        gpu.stream()
-            .launch_builder(&f)
-            .arg(out)
+        crate::launch::Launch::new(gpu, &f)
+            .arg(&*out)
             .arg(src)
             .arg(idx)
             .arg(&rows)

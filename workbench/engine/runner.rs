@@ -76,6 +76,10 @@ pub struct EngineConfig {
     pub decode_attention: &'static str,
     /// The linear layers' GEMM path.
     pub gemm: GemmBackend,
+    /// Launch the kernels that support it with programmatic dependent
+    /// launch (sm_90+; `kernels::Gpu::set_pdl`): each may start while the
+    /// GEMM before it drains. Same results, bit for bit.
+    pub pdl: bool,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +95,7 @@ impl Default for EngineConfig {
             fused_decode_qkv: true,
             decode_attention: kernels::paged_attention::PRODUCTION,
             gemm: GemmBackend::default(),
+            pdl: true,
         }
     }
 }
@@ -210,6 +215,7 @@ where
         model.fused_decode_qkv = ec.fused_decode_qkv;
         model.decode_attention = ec.decode_attention;
         model.set_gemm(gpu, ec.gemm)?;
+        gpu.set_pdl(ec.pdl);
         Ok(Self {
             model,
             sched,
