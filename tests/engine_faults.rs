@@ -51,7 +51,8 @@ fn config(num_blocks: usize) -> EngineConfig {
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
-        pdl: true,
+        pdl: false,
+        split_k: 0,
     }
 }
 

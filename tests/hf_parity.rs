@@ -371,7 +371,8 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
-        pdl: true,
+        pdl: false,
+        split_k: 0,
     };
     // Batch 1: one sequence at a time.
     let solo: Vec<Vec<u32>> = prompts

@@ -767,7 +767,8 @@ pub fn engine_config(
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
-        pdl: true,
+        pdl: false,
+        split_k: 0,
     })
 }
 

@@ -97,10 +97,16 @@ struct E2eArgs {
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
-    /// Launch every kernel in plain stream order, without programmatic
-    /// dependent launch (the path before PDL; bit-identical results).
+    /// Launch rmsnorm, silu_mul, the gathers and decode attention with
+    /// programmatic dependent launch (sm_90+; bit-identical results; 1%
+    /// slower on the H100, CHALLENGES #20).
     #[arg(long)]
-    no_pdl: bool,
+    pdl: bool,
+    /// Split decode's o_proj and down GEMMs K this many ways (one
+    /// strided-batched cuBLAS GEMM into f32 partials, summed by the next add
+    /// + RMSNorm; 0 or 1: off).
+    #[arg(long, default_value_t = 0)]
+    split_k: usize,
     /// GEMM path of the linear layers: cublas (cublasGemmEx, the default) or
     /// lt-tuned (cuBLASLt, the fastest of its candidates timed once per
     /// decode shape: measured no faster per step, and its tuning and
@@ -607,7 +613,8 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             .copied()
             .unwrap_or(kernels::paged_attention::PRODUCTION),
         gemm: a.gemm,
-        pdl: !a.no_pdl,
+        pdl: a.pdl,
+        split_k: a.split_k,
     };
     let get = |name: &str| ckpt.as_ref().and_then(|c| c.tensor_f32(name).ok());
     let src = match &ckpt {
@@ -645,7 +652,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         a.temperature
     );
     println!(
-        "decode path: paged_attention {}{}, {}, GEMMs {}, {}",
+        "decode path: paged_attention {}{}, {}, GEMMs {}{}, {}",
         ec.decode_attention,
         if ec.fused_decode_qkv {
             " with the fused q|k|v prologue"
@@ -658,12 +665,22 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             "programmatic dependent launch off"
         },
         format!("{:?}", ec.gemm).to_lowercase(),
+        if ec.split_k >= 2 {
+            format!(" (o_proj and down split {} ways along K)", ec.split_k)
+        } else {
+            String::new()
+        },
         if ec.cuda_graphs {
             "CUDA graphs"
         } else {
             "eager"
         },
     );
+    // The floor's ceilings, measured before the engine takes the card's
+    // memory (as `roofline` measures them): measured after the run, the
+    // memcpy ceiling came out 5% lower on the H100 and flattered the ratio.
+    let c = workbench::ceilings::measure(&gpu)?;
+    gpu.synchronize()?;
     let res = match a.dtype {
         DType::BF16 => {
             workbench::e2e::run::<half::bf16>(&gpu, &cfg, src, ec, &requests, &spec, true)?
@@ -688,7 +705,6 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             .join("e2e.csv")
     });
     if let Some((n, mean_s, ctx)) = &res.full_decode {
-        let c = workbench::ceilings::measure(&gpu)?;
         let floor = workbench::engine::floor::decode_step_floor(
             &cfg,
             a.dtype.size_bytes(),

@@ -4,6 +4,10 @@
 //   fused:  residual[t, :] = round_T(x[t, :] + residual[t, :])      (in place)
 //           out[t, :]      = RMSNorm(residual[t, :]) * weight
 //
+//   partials: fused, with x = round_T(p[0] + p[1] + ...) summed in f32 in split
+//           order from f32 partials p [splits, tokens, hidden] (the split-K
+//           GEMM's output, kernels/src/linear.rs `linear_split_k`; v1 only).
+//
 // Shapes: x, residual, out [tokens, hidden]; weight [hidden]. Any hidden >= 1.
 // Rounding point (as HF transformers' Qwen2RMSNorm + residual): the sum is
 // rounded to the storage type T first and that rounded value is normalized,
@@ -23,25 +27,69 @@
 // launcher sends longer rows to v1's block-per-row kernel; rows that are not
 // vector-aligned take a scalar warp-per-row loop.
 
-template <typename T, bool kFused>
+// x of row `base` element i given as `splits` f32 partial sums `stride`
+// apart (partials mode): their sum in split order, rounded to T once, as
+// the unsplit GEMM would have stored it.
+template <typename T>
+__device__ __forceinline__ T sum_partials(const float* p, int splits, i64 stride) {
+    float v = p[0];
+    for (int s = 1; s < splits; ++s) v += p[s * stride];
+    return from_f32<T>(v);
+}
+
+template <typename T>
+__device__ __forceinline__ Vec16<T> sum_partials16(const float* p, int splits, i64 stride) {
+    constexpr int N = Vec16<T>::N;
+    static_assert(N % 4 == 0, "16-bit storage: 8 values, two float4 per split");
+    float4 acc[N / 4];
+#pragma unroll
+    for (int q = 0; q < N / 4; ++q) acc[q] = reinterpret_cast<const float4*>(p)[q];
+    for (int s = 1; s < splits; ++s) {
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q) {
+            const float4 b = reinterpret_cast<const float4*>(p + s * stride)[q];
+            acc[q].x += b.x;
+            acc[q].y += b.y;
+            acc[q].z += b.z;
+            acc[q].w += b.w;
+        }
+    }
+    Vec16<T> a;
+#pragma unroll
+    for (int q = 0; q < N / 4; ++q) {
+        a.v[4 * q] = from_f32<T>(acc[q].x);
+        a.v[4 * q + 1] = from_f32<T>(acc[q].y);
+        a.v[4 * q + 2] = from_f32<T>(acc[q].z);
+        a.v[4 * q + 3] = from_f32<T>(acc[q].w);
+    }
+    return a;
+}
+
+// kPartials (with kFused): x comes as `splits` f32 partials [splits, tokens,
+// hidden], `part_stride` = tokens * hidden apart (linear_split_k's output).
+template <typename T, bool kFused, bool kPartials = false>
 __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
                             const T* __restrict__ x, const T* __restrict__ weight,
-                            float eps, int hidden) {
+                            float eps, int hidden, const float* __restrict__ partials = nullptr,
+                            int splits = 0, i64 part_stride = 0) {
     pdl_wait();
     __shared__ float scratch[32];
     const int row = blockIdx.x;
     const i64 base = (i64)row * hidden;
-    const T* xr = x + base;
+    const T* xr = kPartials ? nullptr : x + base;
+    const float* pr = kPartials ? partials + base : nullptr;
     T* rr = kFused ? residual + base : nullptr;
     T* orow = out + base;
     constexpr int N = Vec16<T>::N;
-    const bool vec = (hidden % N == 0) && aligned16(x) && aligned16(out) && aligned16(weight) &&
-                     (!kFused || aligned16(residual));
+    const bool vec = (hidden % N == 0) && aligned16(out) && aligned16(weight) &&
+                     (!kFused || aligned16(residual)) &&
+                     (kPartials ? N % 4 == 0 && aligned16(partials) && part_stride % 4 == 0
+                                : aligned16(x));
 
     float ss = 0.f;
     if (vec) {
         for (int i = threadIdx.x * N; i < hidden; i += blockDim.x * N) {
-            Vec16<T> a = load16(xr + i);
+            Vec16<T> a = kPartials ? sum_partials16<T>(pr + i, splits, part_stride) : load16(xr + i);
             if (kFused) {
                 Vec16<T> r = load16(rr + i);
 #pragma unroll
@@ -56,7 +104,7 @@ __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
         }
     } else {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-            T a = xr[i];
+            T a = kPartials ? sum_partials<T>(pr + i, splits, part_stride) : xr[i];
             if (kFused) {
                 a = from_f32<T>(to_f32(a) + to_f32(rr[i]));
                 rr[i] = a;
@@ -162,6 +210,12 @@ __device__ void rmsnorm_v2_rows(T* __restrict__ out, T* __restrict__ residual,
     extern "C" __global__ void fused_add_rmsnorm_##S(T* out, T* residual, const T* x,          \
                                                      const T* weight, float eps, int hidden) { \
         rmsnorm_row<T, true>(out, residual, x, weight, eps, hidden);                            \
+    }                                                                                           \
+    extern "C" __global__ void fused_add_rmsnorm_partials_##S(                                 \
+        T* out, T* residual, const float* partials, int splits, i64 part_stride,                \
+        const T* weight, float eps, int hidden) {                                               \
+        rmsnorm_row<T, true, true>(out, residual, nullptr, weight, eps, hidden, partials,       \
+                                   splits, part_stride);                                        \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(32 * RMS_V2_ROWS)                              \
         rmsnorm_v2_##S(T* out, const T* x, const T* weight, float eps, int tokens, int hidden) { \

@@ -142,3 +142,69 @@ pub fn fused_add_rmsnorm<T: Storage>(
     )?;
     launch(gpu, variant, true, out, Some(residual), x, weight, d)
 }
+
+/// As [`fused_add_rmsnorm`] (v1), with x given as `splits` f32 partial sums
+/// (`linear::linear_split_k`'s output): x = round(p[0] + p[1] + ...), summed
+/// in split order, then residual = round(x + residual) in place and out =
+/// RMSNorm(residual) * weight. partials [splits, tokens, hidden] f32;
+/// residual, out [tokens, hidden]; weight [hidden].
+pub fn fused_add_rmsnorm_partials<T: Storage>(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<T>,
+    residual: &mut CudaViewMut<T>,
+    partials: &CudaView<f32>,
+    splits: usize,
+    weight: &CudaView<T>,
+    d: RmsNormDims,
+) -> Result<()> {
+    let hidden = dim_i32(OP, "hidden", d.hidden)?;
+    let splits_i = dim_i32(OP, "splits", splits)?;
+    if splits == 0 {
+        return Err(crate::KernelError::Unsupported {
+            op: OP,
+            what: "0 partials (splits must be at least 1)".into(),
+        });
+    }
+    check_len(
+        OP,
+        "partials [splits, tokens, hidden]",
+        partials.len(),
+        splits * d.tokens * d.hidden,
+    )?;
+    check_len(OP, "out [tokens, hidden]", out.len(), d.tokens * d.hidden)?;
+    check_len(
+        OP,
+        "residual [tokens, hidden]",
+        residual.len(),
+        d.tokens * d.hidden,
+    )?;
+    check_len(OP, "weight [hidden]", weight.len(), d.hidden)?;
+    if d.tokens == 0 {
+        return Ok(());
+    }
+    let f = typed_function::<T>(gpu, "rmsnorm", "fused_add_rmsnorm_partials")?;
+    let vec = 16 / std::mem::size_of::<T>();
+    let c = cfg(
+        (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+        threads_for(d.hidden.div_ceil(vec), 1024),
+    );
+    let (eps, stride) = (d.eps, (d.tokens * d.hidden) as i64);
+    // SAFETY: lengths checked above; one block per row < tokens, each
+    // reading partials[s, row, :] for s < splits and writing its own row.
+    unsafe {
+        Launch::new(gpu, &f)
+            .arg(&*out)
+            .arg(&*residual)
+            .arg(partials)
+            .arg(&splits_i)
+            .arg(&stride)
+            .arg(weight)
+            .arg(&eps)
+            .arg(&hidden)
+            .launch(c)
+    }
+    .map_err(crate::KernelError::driver(
+        "launch fused_add_rmsnorm_partials",
+    ))?;
+    Ok(())
+}

@@ -13,108 +13,14 @@
 
 use half::{bf16, f16};
 use kernels::linear_lt::{LtLinear, TUNE_MAX_TOKENS};
-use kernels::{DType, Gpu, KernelError, Storage};
+use kernels::{Gpu, KernelError, Storage};
 
 fn gpu() -> Gpu {
     Gpu::new(0).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// SplitMix64: deterministic, dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1), never exactly 0.
-    fn uniform(&mut self) -> f64 {
-        let u = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        2.0 * u - 1.0
-    }
-
-    fn values<T: Storage>(&mut self, n: usize) -> Vec<T> {
-        (0..n).map(|_| T::from_f64(self.uniform())).collect()
-    }
-}
-
-struct Tol {
-    atol: f64,
-    rtol: f64,
-    rel_l2: f64,
-}
-
-/// `workbench::op::rounded_once`, which this crate cannot depend on.
-fn rounded_once(d: DType) -> Tol {
-    match d {
-        DType::BF16 => Tol {
-            atol: 1e-2,
-            rtol: 1e-2,
-            rel_l2: 5e-3,
-        },
-        DType::F16 => Tol {
-            atol: 1e-3,
-            rtol: 2e-3,
-            rel_l2: 1e-3,
-        },
-        DType::F32 => Tol {
-            atol: 1e-5,
-            rtol: 1e-5,
-            rel_l2: 1e-5,
-        },
-    }
-}
-
-/// f32 accumulation error, relative to Σ|x·w|.
-const ACC_RTOL: f64 = 1e-5;
-
-/// (y [tokens, out], Σ|x·w| [tokens, out]) in f64, threads over tokens.
-fn reference<T: Storage>(
-    x: &[T],
-    w: &[T],
-    tokens: usize,
-    inf: usize,
-    out: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
-    let wf: Vec<f64> = w.iter().map(|v| v.to_f64()).collect();
-    let mut y = vec![0.0; tokens * out];
-    let mut s = vec![0.0; tokens * out];
-    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
-    let rows = tokens.div_ceil(threads).max(1);
-    std::thread::scope(|sc| {
-        for ((yc, sch), xc) in y
-            .chunks_mut(rows * out)
-            .zip(s.chunks_mut(rows * out))
-            .zip(xf.chunks(rows * inf))
-        {
-            let wf = &wf;
-            sc.spawn(move || {
-                for ((yr, sr), xr) in yc
-                    .chunks_mut(out)
-                    .zip(sch.chunks_mut(out))
-                    .zip(xc.chunks(inf))
-                {
-                    for ((yo, so), wr) in yr.iter_mut().zip(sr.iter_mut()).zip(wf.chunks(inf)) {
-                        let (mut acc, mut mag) = (0.0f64, 0.0f64);
-                        for (a, b) in xr.iter().zip(wr) {
-                            let p = a * b;
-                            acc += p;
-                            mag += p.abs();
-                        }
-                        *yo = acc;
-                        *so = mag;
-                    }
-                }
-            });
-        }
-    });
-    (y, s)
-}
+mod common;
+use common::{reference, rounded_once, Rng, ACC_RTOL};
 
 /// Check y (host copy of the [tokens, ldy] buffer) against the reference;
 /// the gap columns out..ldy must still hold the NaN sentinel's bits.

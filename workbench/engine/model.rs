@@ -211,6 +211,13 @@ pub struct GpuModel<T> {
     /// [`GpuModel::set_gemm`]. Declared after `graphs`, so it is dropped
     /// after the graphs that captured its workspace.
     lt: Option<LtLinear>,
+    /// Decode's o_proj and down GEMMs split K this many ways (0 or 1: no
+    /// split), as one strided-batched cuBLAS GEMM writing f32 partials
+    /// that the following fused add + RMSNorm sums (`kernels::linear::
+    /// linear_split_k`); set with [`GpuModel::set_split_k`].
+    split_k: usize,
+    /// [split_k, max_seqs, h] f32: those partials.
+    partials: Option<CudaSlice<f32>>,
 }
 
 /// How the linear layers run.
@@ -294,6 +301,30 @@ fn add_norm<T: Storage>(
         &weight.slice(..),
         norm,
         kernels::rmsnorm::PRODUCTION,
+    )?;
+    Ok(())
+}
+
+/// As [`add_norm`], with x as `splits` f32 partials [splits, t, h] (the
+/// split-K GEMM's output) summed in split order.
+fn add_norm_partials<T: Storage>(
+    gpu: &Gpu,
+    hn: &mut CudaSlice<T>,
+    residual: &mut CudaSlice<T>,
+    partials: &CudaSlice<f32>,
+    splits: usize,
+    weight: &CudaSlice<T>,
+    norm: RmsNormDims,
+) -> Result<(), ModelError> {
+    let n = norm.tokens * norm.hidden;
+    kernels::rmsnorm::fused_add_rmsnorm_partials(
+        gpu,
+        &mut hn.slice_mut(..n),
+        &mut residual.slice_mut(..n),
+        &partials.slice(..splits * n),
+        splits,
+        &weight.slice(..),
+        norm,
     )?;
     Ok(())
 }
@@ -458,6 +489,8 @@ where
             last_rows: 0,
             graphs: HashMap::new(),
             lt: None,
+            split_k: 0,
+            partials: None,
             decode_split_tokens: 0,
             fused_decode_qkv: true,
             decode_attention: kernels::paged_attention::PRODUCTION,
@@ -821,6 +854,20 @@ where
 
     /// Switch the GEMM path; drops the captured graphs, which hold the old
     /// path's kernels and workspace.
+    /// Split decode's o_proj and down GEMMs `splits` ways along K (0 or 1:
+    /// off), where the dtype and shapes allow (`kernels::linear::
+    /// split_k_supported`); allocates the partials for max_seqs rows.
+    pub fn set_split_k(&mut self, gpu: &Gpu, splits: usize) -> Result<(), ModelError> {
+        self.graphs.clear();
+        self.partials = None;
+        self.split_k = splits;
+        if splits >= 2 {
+            let n = splits * self.limits.max_seqs * self.cfg.hidden_size;
+            self.partials = Some(zeros::<f32>(gpu, n)?);
+        }
+        Ok(())
+    }
+
     pub fn set_gemm(&mut self, gpu: &Gpu, backend: GemmBackend) -> Result<(), ModelError> {
         self.graphs.clear();
         self.lt = match backend {
@@ -901,6 +948,16 @@ where
         let attn_variant = self.decode_attention;
         let fuse_qkv = self.fused_decode_qkv
             && kernels::paged_attention::fused_qkv_supported(T::DTYPE, c.head_dim);
+        // Split-K o_proj / down (decode rows only: the partials hold max_seqs
+        // rows); the add + RMSNorm after each sums the partials.
+        let splits = self.split_k;
+        let split_ok = |inp: usize| {
+            decode
+                && splits >= 2
+                && t <= lim.max_seqs
+                && kernels::linear::split_k_supported::<T>(inp, splits)
+        };
+        let (split_o, split_down) = (split_ok(qd), split_ok(inter));
         let GpuModel {
             layers,
             ws,
@@ -909,8 +966,10 @@ where
             lm_head,
             final_norm,
             lt,
+            partials,
             ..
         } = self;
+        let mut partials = partials.as_mut();
         // residual = embed[ids]: [t, h]
         mark("embedding gather")?;
         kernels::util::gather_rows(
@@ -939,14 +998,25 @@ where
                 )?;
             } else {
                 mark("rmsnorm (fused add)")?;
-                add_norm(
-                    gpu,
-                    &mut ws.hn,
-                    &mut ws.residual,
-                    &ws.proj,
-                    &w.in_norm,
-                    norm,
-                )?;
+                match partials.as_deref_mut() {
+                    Some(p) if split_down => add_norm_partials(
+                        gpu,
+                        &mut ws.hn,
+                        &mut ws.residual,
+                        p,
+                        splits,
+                        &w.in_norm,
+                        norm,
+                    )?,
+                    _ => add_norm(
+                        gpu,
+                        &mut ws.hn,
+                        &mut ws.residual,
+                        &ws.proj,
+                        &w.in_norm,
+                        norm,
+                    )?,
+                }
             }
             mark("qkv GEMM")?;
             // One GEMM for q|k|v; the next kernel adds the bias as it reads.
@@ -1059,26 +1129,49 @@ where
                 )?;
             }
             mark("o_proj GEMM")?;
-            lin(
-                lt,
-                gpu,
-                &mut ws.proj.slice_mut(..t * h),
-                h,
-                &ws.attn.slice(..t * qd),
-                &w.o_w.slice(..),
-                t,
-                qd,
-                h,
-            )?;
+            match partials.as_deref_mut() {
+                Some(p) if split_o => kernels::linear::linear_split_k(
+                    gpu,
+                    &mut p.slice_mut(..splits * t * h),
+                    &ws.attn.slice(..t * qd),
+                    &w.o_w.slice(..),
+                    t,
+                    qd,
+                    h,
+                    splits,
+                )?,
+                _ => lin(
+                    lt,
+                    gpu,
+                    &mut ws.proj.slice_mut(..t * h),
+                    h,
+                    &ws.attn.slice(..t * qd),
+                    &w.o_w.slice(..),
+                    t,
+                    qd,
+                    h,
+                )?,
+            }
             mark("rmsnorm (fused add)")?;
-            add_norm(
-                gpu,
-                &mut ws.hn,
-                &mut ws.residual,
-                &ws.proj,
-                &w.post_norm,
-                norm,
-            )?;
+            match partials.as_deref_mut() {
+                Some(p) if split_o => add_norm_partials(
+                    gpu,
+                    &mut ws.hn,
+                    &mut ws.residual,
+                    p,
+                    splits,
+                    &w.post_norm,
+                    norm,
+                )?,
+                _ => add_norm(
+                    gpu,
+                    &mut ws.hn,
+                    &mut ws.residual,
+                    &ws.proj,
+                    &w.post_norm,
+                    norm,
+                )?,
+            }
             // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
             mark("gate|up GEMM")?;
             lin(
@@ -1101,27 +1194,50 @@ where
                 inter,
             )?;
             mark("down GEMM")?;
-            lin(
-                lt,
-                gpu,
-                &mut ws.proj.slice_mut(..t * h),
-                h,
-                &ws.act.slice(..t * inter),
-                &w.down_w.slice(..),
-                t,
-                inter,
-                h,
-            )?;
+            match partials.as_deref_mut() {
+                Some(p) if split_down => kernels::linear::linear_split_k(
+                    gpu,
+                    &mut p.slice_mut(..splits * t * h),
+                    &ws.act.slice(..t * inter),
+                    &w.down_w.slice(..),
+                    t,
+                    inter,
+                    h,
+                    splits,
+                )?,
+                _ => lin(
+                    lt,
+                    gpu,
+                    &mut ws.proj.slice_mut(..t * h),
+                    h,
+                    &ws.act.slice(..t * inter),
+                    &w.down_w.slice(..),
+                    t,
+                    inter,
+                    h,
+                )?,
+            }
         }
         mark("rmsnorm (fused add)")?;
-        add_norm(
-            gpu,
-            &mut ws.hn,
-            &mut ws.residual,
-            &ws.proj,
-            final_norm,
-            norm,
-        )?;
+        match partials.as_deref_mut() {
+            Some(p) if split_down => add_norm_partials(
+                gpu,
+                &mut ws.hn,
+                &mut ws.residual,
+                p,
+                splits,
+                final_norm,
+                norm,
+            )?,
+            _ => add_norm(
+                gpu,
+                &mut ws.hn,
+                &mut ws.residual,
+                &ws.proj,
+                final_norm,
+                norm,
+            )?,
+        }
         // Only the rows whose next token is wanted go through the LM head.
         mark("last-row gather")?;
         kernels::util::gather_rows(

@@ -78,8 +78,13 @@ pub struct EngineConfig {
     pub gemm: GemmBackend,
     /// Launch the kernels that support it with programmatic dependent
     /// launch (sm_90+; `kernels::Gpu::set_pdl`): each may start while the
-    /// GEMM before it drains. Same results, bit for bit.
+    /// GEMM before it drains. Same results, bit for bit. Off by default: on
+    /// the H100 it made the decode step 1% slower (CHALLENGES #20).
     pub pdl: bool,
+    /// Decode's o_proj and down GEMMs split K this many ways with the
+    /// reduction in the next add + RMSNorm (0 or 1: off); see
+    /// `GpuModel::set_split_k`.
+    pub split_k: usize,
 }
 
 impl Default for EngineConfig {
@@ -95,7 +100,8 @@ impl Default for EngineConfig {
             fused_decode_qkv: true,
             decode_attention: kernels::paged_attention::PRODUCTION,
             gemm: GemmBackend::default(),
-            pdl: true,
+            pdl: false,
+            split_k: 0,
         }
     }
 }
@@ -216,6 +222,7 @@ where
         model.decode_attention = ec.decode_attention;
         model.set_gemm(gpu, ec.gemm)?;
         gpu.set_pdl(ec.pdl);
+        model.set_split_k(gpu, ec.split_k)?;
         Ok(Self {
             model,
             sched,
