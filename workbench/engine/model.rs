@@ -1219,7 +1219,7 @@ where
             }
         }
         mark("rmsnorm (fused add)")?;
-        match partials.as_deref_mut() {
+        match partials {
             Some(p) if split_down => add_norm_partials(
                 gpu,
                 &mut ws.hn,
