@@ -204,8 +204,12 @@ where
     let cfg = Qwen2Config::from_json_str(CONFIG).expect("golden config.json parses");
     let st = SafeTensors::deserialize(SAFETENSORS).expect("golden model.safetensors parses");
     let get = |name: &str| common::f32_tensor(&st, name);
-    workbench::engine::model::GpuModel::<T>::load(gpu, &cfg, &get, 64)
-        .expect("golden weights load on the GPU")
+    let mut m = workbench::engine::model::GpuModel::<T>::load(gpu, &cfg, &get, 64)
+        .expect("golden weights load on the GPU");
+    // The engine's decode path: split-K o_proj/down where the dtype allows.
+    m.set_split_k(gpu, workbench::engine::runner::DEFAULT_SPLIT_K)
+        .expect("split-K partials");
+    m
 }
 
 fn as_array(logits: Vec<f32>, len: usize, vocab: usize) -> Array2<f64> {

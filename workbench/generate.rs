@@ -768,7 +768,7 @@ pub fn engine_config(
         decode_attention: kernels::paged_attention::PRODUCTION,
         gemm: Default::default(),
         pdl: false,
-        split_k: 0,
+        split_k: crate::engine::runner::DEFAULT_SPLIT_K,
     })
 }
 

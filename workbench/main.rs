@@ -105,7 +105,7 @@ struct E2eArgs {
     /// Split decode's o_proj and down GEMMs K this many ways (one
     /// strided-batched cuBLAS GEMM into f32 partials, summed by the next add
     /// + RMSNorm; 0 or 1: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = workbench::engine::runner::DEFAULT_SPLIT_K)]
     split_k: usize,
     /// GEMM path of the linear layers: cublas (cublasGemmEx, the default) or
     /// lt-tuned (cuBLASLt, the fastest of its candidates timed once per

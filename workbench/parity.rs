@@ -183,6 +183,8 @@ where
         .max()
         .unwrap_or(1);
     let mut model = GpuModel::<T>::load(gpu, cfg, get, capacity)?;
+    // The engine's decode path (split-K o_proj/down where the dtype allows).
+    model.set_split_k(gpu, crate::engine::runner::DEFAULT_SPLIT_K)?;
     let vocab = cfg.vocab_size;
     let mut all = Vec::with_capacity(golden.cases.len());
     for c in &golden.cases {

@@ -17,7 +17,9 @@
 //
 // v1: one block per row. Pass 1 accumulates the sum of squares in f32 (squares of
 // bf16 values near 6e4 would overflow f16, never f32); pass 2 re-reads the row
-// (from L1/L2) and writes the output. 16-byte vectors are used when every
+// (from L1/L2) and writes the output. When the block has a thread per 16-byte
+// vector of the row, the row and its weights stay in registers instead
+// (no second read; the weight load overlaps the row's). 16-byte vectors are used when every
 // row starts 16-byte aligned (hidden a multiple of 16/sizeof(T)); other
 // hidden sizes take the scalar path.
 //
@@ -85,6 +87,40 @@ __device__ void rmsnorm_row(T* __restrict__ out, T* __restrict__ residual,
                      (!kFused || aligned16(residual)) &&
                      (kPartials ? N % 4 == 0 && aligned16(partials) && part_stride % 4 == 0
                                 : aligned16(x));
+
+    if (vec && hidden <= (int)blockDim.x * N) {
+        // One vector per thread (every Qwen2 width: the launcher gives a
+        // thread per vector up to 1024): the row and its weights stay in
+        // registers, so the second pass loads nothing and the weight load
+        // overlaps the first. Same values and roundings as the loops below.
+        const int i = threadIdx.x * N;
+        const bool live = i < hidden;
+        Vec16<T> a, w;
+        float ss = 0.f;
+        if (live) {
+            w = load16(weight + i);
+            a = kPartials ? sum_partials16<T>(pr + i, splits, part_stride) : load16(xr + i);
+            if (kFused) {
+                Vec16<T> r = load16(rr + i);
+#pragma unroll
+                for (int j = 0; j < N; ++j) a.v[j] = from_f32<T>(to_f32(a.v[j]) + to_f32(r.v[j]));
+                store16(rr + i, a);
+            }
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                const float f = to_f32(a.v[j]);
+                ss += f * f;
+            }
+        }
+        const float rstd = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
+        if (live) {
+            Vec16<T> o;
+#pragma unroll
+            for (int j = 0; j < N; ++j) o.v[j] = from_f32<T>(to_f32(a.v[j]) * rstd * to_f32(w.v[j]));
+            store16(orow + i, o);
+        }
+        return;
+    }
 
     float ss = 0.f;
     if (vec) {
