@@ -382,6 +382,43 @@ fn check_cmd(a: CheckArgs) -> Result<ExitCode, Setup> {
 }
 
 /// reports/<gpu>: "h100", "h200", else the device name in lowercase.
+/// What `--split-k` does to this model: which of o_proj and down split,
+/// and why not where they cannot (`kernels::linear::split_k_supported`).
+fn split_k_note(cfg: &workbench::engine::config::Qwen2Config, dtype: DType, s: usize) -> String {
+    if s < 2 {
+        return String::new();
+    }
+    let ok = |k: usize| match dtype {
+        DType::BF16 => kernels::linear::split_k_supported::<half::bf16>(k, s),
+        DType::F16 => kernels::linear::split_k_supported::<half::f16>(k, s),
+        DType::F32 => false,
+    };
+    let o_k = cfg.num_attention_heads * cfg.head_dim;
+    let d_k = cfg.intermediate_size;
+    let split: Vec<&str> = [("o_proj", o_k), ("down", d_k)]
+        .iter()
+        .filter(|(_, k)| ok(*k))
+        .map(|(n, _)| *n)
+        .collect();
+    let not = |n: &str, k: usize| format!("{n} (K = {k})");
+    let unsplit: Vec<String> = [("o_proj", o_k), ("down", d_k)]
+        .iter()
+        .filter(|(_, k)| !ok(*k))
+        .map(|(n, k)| not(n, *k))
+        .collect();
+    let mut note = String::new();
+    if !split.is_empty() {
+        note += &format!(" ({} split {s} ways along K)", split.join(" and "));
+    }
+    if !unsplit.is_empty() {
+        note += &format!(
+            " (--split-k {s} not applied to {}: needs bf16 or f16 and K / {s} a multiple of 8)",
+            unsplit.join(" or ")
+        );
+    }
+    note
+}
+
 fn gpu_dir(name: &str) -> String {
     for short in ["H100", "H200", "A100", "B200", "L40S"] {
         if name.contains(short) {
@@ -665,11 +702,7 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             "programmatic dependent launch off"
         },
         format!("{:?}", ec.gemm).to_lowercase(),
-        if ec.split_k >= 2 {
-            format!(" (o_proj and down split {} ways along K)", ec.split_k)
-        } else {
-            String::new()
-        },
+        split_k_note(&cfg, a.dtype, ec.split_k),
         if ec.cuda_graphs {
             "CUDA graphs"
         } else {
@@ -919,4 +952,26 @@ fn generate_cmd(a: GenerateArgs) -> Result<ExitCode, Setup> {
     }
     eprintln!("{}", stats.line());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_k_note_says_what_splits_and_what_cannot() {
+        let cfg = workbench::engine::config::Qwen2Config::preset("qwen2-0.5b").unwrap();
+        assert_eq!(split_k_note(&cfg, DType::BF16, 0), "");
+        assert_eq!(
+            split_k_note(&cfg, DType::BF16, 2),
+            " (o_proj and down split 2 ways along K)"
+        );
+        // 896 / 3 is not whole: nothing splits, and the note says why.
+        let n = split_k_note(&cfg, DType::BF16, 3);
+        assert!(
+            n.contains("not applied to o_proj (K = 896) or down (K = 4864)"),
+            "{n}"
+        );
+        assert!(split_k_note(&cfg, DType::F32, 2).contains("needs bf16 or f16"));
+    }
 }

@@ -149,7 +149,8 @@ def main():
     }
     new = not os.path.exists(args.out) or os.path.getsize(args.out) == 0
     with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
+        # "\n" rows like the engine's own (csv defaults to "\r\n").
+        w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
         if new:
             w.writeheader()
         w.writerow(row)

@@ -83,11 +83,11 @@ class Outputs:
                 for r in csv.DictReader(f):
                     self.seen_missing.add((r["kernel"], r["impl"], r["reason"]))
         self.f = open(out_path, "a" if keep_out else "w", newline="")
-        self.w = csv.writer(self.f)
+        self.w = csv.writer(self.f, lineterminator="\n")  # as the workbench writes
         if not keep_out:
             self.w.writerow(COLUMNS)
         self.mf = open(missing_path, "a" if keep_missing else "w", newline="")
-        self.mw = csv.writer(self.mf)
+        self.mw = csv.writer(self.mf, lineterminator="\n")
         if not keep_missing:
             self.mw.writerow(MISSING_COLUMNS)
         self.rows = self.failed = 0
