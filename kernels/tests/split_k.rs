@@ -43,7 +43,7 @@ fn compare(got: &[f64], want: &[f64], atol: f64, rtol: f64) -> (usize, f64, Stri
     let (mut e2, mut r2) = (0.0, 0.0);
     for (i, (g, r)) in got.iter().zip(want).enumerate() {
         let d = (g - r).abs();
-        if !(d <= atol + rtol * r.abs()) {
+        if d.is_nan() || d > atol + rtol * r.abs() {
             if bad == 0 {
                 first = format!("[{i}] got {g} want {r}");
             }
@@ -102,7 +102,10 @@ fn run_dtype<T: Storage>(seed: u64) {
             let bad = part
                 .iter()
                 .zip(want.iter().zip(&mag))
-                .filter(|(g, (r, m))| !((**g as f64 - **r).abs() <= 1e-6 + ACC_RTOL * **m))
+                .filter(|(g, (r, m))| {
+                    let d = (**g as f64 - **r).abs();
+                    d.is_nan() || d > 1e-6 + ACC_RTOL * **m
+                })
                 .count();
             assert_eq!(
                 bad, 0,
