@@ -117,9 +117,7 @@ fn gpu_pdl_leaves_greedy_tokens_unchanged() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_split_k_is_deterministic_and_tracks_the_unsplit_gemms() {
-    use workbench::engine::model::{
-        GpuModel, ModelLimits, SeqInput, StepInput, WeightSource, BLOCK_SIZE,
-    };
+    use workbench::engine::model::{GpuModel, ModelLimits, StepInput, WeightSource, BLOCK_SIZE};
     let gpu = common::gpu();
     // Two runs of the engine with split-K: the same tokens.
     let (a, _, graphs) = run(&gpu, config(true, false, 4));
@@ -146,47 +144,11 @@ fn gpu_split_k_is_deterministic_and_tracks_the_unsplit_gemms() {
     };
     let (mut plain, mut split) = (load(), load());
     split.set_split_k(&gpu, 4).expect("split-K partials");
+    // Three prompts, with room in their block tables for one more token.
     let lens = [100usize, 37, 200];
-    let mbps = (lens.iter().max().unwrap() + 1).div_ceil(BLOCK_SIZE);
-    let (mut tokens, mut positions, mut slots, mut tables, mut row_lens, mut last) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut cu, mut kv_lens, mut seq_tables) = (vec![0i32], vec![], vec![]);
-    let mut seq_table = vec![];
-    let mut next_block = 0;
-    for (s, &n) in lens.iter().enumerate() {
-        let nb = (n + 1).div_ceil(BLOCK_SIZE);
-        let table: Vec<i32> = (next_block..next_block + nb).map(|b| b as i32).collect();
-        next_block += nb;
-        let mut padded = table.clone();
-        padded.resize(mbps, 0);
-        for p in 0..n {
-            tokens.push(((s * 131 + p * 17) % 1024) as u32);
-            positions.push(p as i32);
-            slots.push(table[p / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64);
-            tables.extend_from_slice(&padded);
-            row_lens.push(p as i32 + 1);
-        }
-        last.push(tokens.len() as i32 - 1);
-        cu.push(tokens.len() as i32);
-        kv_lens.push(n as i32);
-        seq_tables.extend_from_slice(&padded);
-        seq_table.push(padded);
-    }
-    let prefill = StepInput {
-        tokens: &tokens,
-        positions: &positions,
-        slots: &slots,
-        tables: &tables,
-        mbps,
-        lens: &row_lens,
-        last: &last,
-        seqs: Some(SeqInput {
-            cu_seqlens: &cu,
-            kv_lens: &kv_lens,
-            tables: &seq_tables,
-            max_q_len: 200,
-        }),
-    };
+    let batch = common::PrefillBatch::new(&lens, 1024, 1);
+    let (mbps, seq_table) = (batch.mbps, &batch.seq_table);
+    let prefill = batch.input();
     plain.step(&gpu, &prefill).expect("prefill");
     split.step(&gpu, &prefill).expect("prefill");
     // The decode step: token n of each sequence, one row each.
@@ -211,12 +173,7 @@ fn gpu_split_k_is_deterministic_and_tracks_the_unsplit_gemms() {
     };
     plain.step(&gpu, &decode).expect("decode, unsplit");
     split.step(&gpu, &decode).expect("decode, split-K");
-    let top5 = |v: &[f32]| {
-        let mut i: Vec<usize> = (0..v.len()).collect();
-        i.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
-        i.truncate(5);
-        i
-    };
+    let top5 = common::top5;
     let mut differ = 0;
     for r in 0..lens.len() {
         let (x, y) = (
@@ -228,13 +185,7 @@ fn gpu_split_k_is_deterministic_and_tracks_the_unsplit_gemms() {
             "row {r}: non-finite logits"
         );
         differ += usize::from(x != y);
-        let num: f64 = x
-            .iter()
-            .zip(&y)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
-        let den: f64 = y.iter().map(|b| (*b as f64).powi(2)).sum();
-        let rel = (num / den).sqrt();
+        let rel = common::rel_l2(&x, &y);
         println!("row {r}: split-K vs unsplit rel L2 {rel:.3e}");
         assert!(rel <= 1e-2, "row {r}: rel L2 {rel:.3e}");
         assert!(top5(&x).contains(&top5(&y)[0]) && top5(&y).contains(&top5(&x)[0]));

@@ -429,9 +429,7 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
-    use workbench::engine::model::{
-        GpuModel, ModelLimits, SeqInput, StepInput, WeightSource, BLOCK_SIZE,
-    };
+    use workbench::engine::model::{GpuModel, ModelLimits, WeightSource};
     let gpu = common::gpu();
     let mut cfg = Qwen2Config::preset("qwen2-0.5b").unwrap();
     cfg.num_hidden_layers = 2;
@@ -454,52 +452,11 @@ fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
     rows.prefill_kernel = false;
     // Three prompts of 100, 37 and 200 tokens, each on its own run of blocks.
     let lens = [100usize, 37, 200];
-    let mbps = lens.iter().map(|l| l.div_ceil(BLOCK_SIZE)).max().unwrap();
-    let (mut tokens, mut positions, mut slots, mut tables, mut row_lens, mut last) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut cu, mut kv_lens, mut seq_tables) = (vec![0i32], vec![], vec![]);
-    let mut next_block = 0;
-    for (s, &n) in lens.iter().enumerate() {
-        let nb = n.div_ceil(BLOCK_SIZE);
-        let table: Vec<i32> = (next_block..next_block + nb).map(|b| b as i32).collect();
-        next_block += nb;
-        let mut padded = table.clone();
-        padded.resize(mbps, 0);
-        for p in 0..n {
-            tokens.push(((s * 131 + p * 17) % 1024) as u32);
-            positions.push(p as i32);
-            slots.push(table[p / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64);
-            tables.extend_from_slice(&padded);
-            row_lens.push(p as i32 + 1);
-        }
-        last.push(tokens.len() as i32 - 1);
-        cu.push(tokens.len() as i32);
-        kv_lens.push(n as i32);
-        seq_tables.extend_from_slice(&padded);
-    }
-    let inp = StepInput {
-        tokens: &tokens,
-        positions: &positions,
-        slots: &slots,
-        tables: &tables,
-        mbps,
-        lens: &row_lens,
-        last: &last,
-        seqs: Some(SeqInput {
-            cu_seqlens: &cu,
-            kv_lens: &kv_lens,
-            tables: &seq_tables,
-            max_q_len: 200,
-        }),
-    };
+    let batch = common::PrefillBatch::new(&lens, 1024, 0);
+    let inp = batch.input();
     fast.step(&gpu, &inp).expect("prefill-kernel step");
     rows.step(&gpu, &inp).expect("per-row step");
-    let top5 = |v: &[f32]| {
-        let mut i: Vec<usize> = (0..v.len()).collect();
-        i.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
-        i.truncate(5);
-        i
-    };
+    let top5 = common::top5;
     for (r, len) in lens.iter().enumerate() {
         let (a, b) = (
             fast.logits_host(&gpu, r).unwrap(),
@@ -509,13 +466,7 @@ fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
             a.iter().chain(&b).all(|x| x.is_finite()),
             "row {r}: non-finite logits"
         );
-        let num: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| ((x - y) as f64).powi(2))
-            .sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        let rel = (num / den).sqrt();
+        let rel = common::rel_l2(&a, &b);
         println!("sequence {r} ({len} tokens): rel L2 {rel:.3e}");
         assert!(rel <= 2e-2, "sequence {r}: rel L2 {rel:.3e}");
         assert!(top5(&a).contains(&top5(&b)[0]) && top5(&b).contains(&top5(&a)[0]));

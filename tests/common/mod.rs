@@ -26,3 +26,103 @@ pub fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Option<Vec<f
             .collect(),
     )
 }
+
+/// One prefill step of prompts of `lens` tokens (ids (s·131 + p·17) mod
+/// vocab), each prompt on its own run of blocks with room for `room` more
+/// tokens: the per-token inputs and the per-sequence ones.
+#[allow(dead_code)] // used by the files that step a GpuModel by hand
+pub struct PrefillBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<i32>,
+    pub slots: Vec<i64>,
+    pub tables: Vec<i32>,
+    pub row_lens: Vec<i32>,
+    pub last: Vec<i32>,
+    pub cu: Vec<i32>,
+    pub kv_lens: Vec<i32>,
+    pub seq_tables: Vec<i32>,
+    /// Each sequence's block table, padded to `mbps`.
+    pub seq_table: Vec<Vec<i32>>,
+    pub mbps: usize,
+    pub max_q_len: usize,
+}
+
+#[allow(dead_code)]
+impl PrefillBatch {
+    pub fn new(lens: &[usize], vocab: usize, room: usize) -> Self {
+        use workbench::engine::model::BLOCK_SIZE;
+        let mbps = (lens.iter().max().copied().unwrap_or(0) + room).div_ceil(BLOCK_SIZE);
+        let mut b = PrefillBatch {
+            tokens: vec![],
+            positions: vec![],
+            slots: vec![],
+            tables: vec![],
+            row_lens: vec![],
+            last: vec![],
+            cu: vec![0],
+            kv_lens: vec![],
+            seq_tables: vec![],
+            seq_table: vec![],
+            mbps,
+            max_q_len: lens.iter().max().copied().unwrap_or(0),
+        };
+        let mut next_block = 0;
+        for (s, &n) in lens.iter().enumerate() {
+            let nb = (n + room).div_ceil(BLOCK_SIZE);
+            let table: Vec<i32> = (next_block..next_block + nb).map(|x| x as i32).collect();
+            next_block += nb;
+            let mut padded = table.clone();
+            padded.resize(mbps, 0);
+            for p in 0..n {
+                b.tokens.push(((s * 131 + p * 17) % vocab) as u32);
+                b.positions.push(p as i32);
+                b.slots.push(
+                    table[p / BLOCK_SIZE] as i64 * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64,
+                );
+                b.tables.extend_from_slice(&padded);
+                b.row_lens.push(p as i32 + 1);
+            }
+            b.last.push(b.tokens.len() as i32 - 1);
+            b.cu.push(b.tokens.len() as i32);
+            b.kv_lens.push(n as i32);
+            b.seq_tables.extend_from_slice(&padded);
+            b.seq_table.push(padded);
+        }
+        b
+    }
+
+    pub fn input(&self) -> workbench::engine::model::StepInput<'_> {
+        workbench::engine::model::StepInput {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            slots: &self.slots,
+            tables: &self.tables,
+            mbps: self.mbps,
+            lens: &self.row_lens,
+            last: &self.last,
+            seqs: Some(workbench::engine::model::SeqInput {
+                cu_seqlens: &self.cu,
+                kv_lens: &self.kv_lens,
+                tables: &self.seq_tables,
+                max_q_len: self.max_q_len,
+            }),
+        }
+    }
+}
+
+/// Indices of the 5 largest values, largest first.
+#[allow(dead_code)]
+pub fn top5(v: &[f32]) -> Vec<usize> {
+    let mut i: Vec<usize> = (0..v.len()).collect();
+    i.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+    i.truncate(5);
+    i
+}
+
+/// ‖a − b‖ / ‖b‖ in f64.
+#[allow(dead_code)]
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}

@@ -305,23 +305,57 @@ fn add_norm<T: Storage>(
     Ok(())
 }
 
-/// As [`add_norm`], with x as `splits` f32 partials [splits, t, h] (the
-/// split-K GEMM's output) summed in split order.
-fn add_norm_partials<T: Storage>(
+/// A projection back to the hidden size (o_proj, down): y [t, h] = x [t,
+/// inp] · w^T into `proj`, or, given `partials`, split `splits` ways along K
+/// into f32 partials [splits, t, h] for [`add_norm_after`] to sum.
+#[allow(clippy::too_many_arguments)]
+fn project_hidden<T: Storage>(
+    lt: &mut Option<LtLinear>,
+    gpu: &Gpu,
+    partials: Option<&mut CudaSlice<f32>>,
+    splits: usize,
+    proj: &mut CudaSlice<T>,
+    x: &CudaView<T>,
+    w: &CudaSlice<T>,
+    t: usize,
+    inp: usize,
+    h: usize,
+) -> Result<(), KernelError>
+where
+    CudaBlas: Gemm<T>,
+{
+    let w = w.slice(..);
+    match partials {
+        Some(p) => {
+            let mut p = p.slice_mut(..splits * t * h);
+            kernels::linear::linear_split_k(gpu, &mut p, x, &w, t, inp, h, splits)
+        }
+        None => lin(lt, gpu, &mut proj.slice_mut(..t * h), h, x, &w, t, inp, h),
+    }
+}
+
+/// [`add_norm`] of what [`project_hidden`] left: `proj` rounded to T, or
+/// `partials` [splits, t, h] f32 summed in split order.
+#[allow(clippy::too_many_arguments)]
+fn add_norm_after<T: Storage>(
     gpu: &Gpu,
     hn: &mut CudaSlice<T>,
     residual: &mut CudaSlice<T>,
-    partials: &CudaSlice<f32>,
+    proj: &CudaSlice<T>,
+    partials: Option<&CudaSlice<f32>>,
     splits: usize,
     weight: &CudaSlice<T>,
     norm: RmsNormDims,
 ) -> Result<(), ModelError> {
+    let Some(p) = partials else {
+        return add_norm(gpu, hn, residual, proj, weight, norm);
+    };
     let n = norm.tokens * norm.hidden;
     kernels::rmsnorm::fused_add_rmsnorm_partials(
         gpu,
         &mut hn.slice_mut(..n),
         &mut residual.slice_mut(..n),
-        &partials.slice(..splits * n),
+        &p.slice(..splits * n),
         splits,
         &weight.slice(..),
         norm,
@@ -998,25 +1032,17 @@ where
                 )?;
             } else {
                 mark("rmsnorm (fused add)")?;
-                match partials.as_deref_mut() {
-                    Some(p) if split_down => add_norm_partials(
-                        gpu,
-                        &mut ws.hn,
-                        &mut ws.residual,
-                        p,
-                        splits,
-                        &w.in_norm,
-                        norm,
-                    )?,
-                    _ => add_norm(
-                        gpu,
-                        &mut ws.hn,
-                        &mut ws.residual,
-                        &ws.proj,
-                        &w.in_norm,
-                        norm,
-                    )?,
-                }
+                let p = partials.as_deref().filter(|_| split_down);
+                add_norm_after(
+                    gpu,
+                    &mut ws.hn,
+                    &mut ws.residual,
+                    &ws.proj,
+                    p,
+                    splits,
+                    &w.in_norm,
+                    norm,
+                )?;
             }
             mark("qkv GEMM")?;
             // One GEMM for q|k|v; the next kernel adds the bias as it reads.
@@ -1129,49 +1155,21 @@ where
                 )?;
             }
             mark("o_proj GEMM")?;
-            match partials.as_deref_mut() {
-                Some(p) if split_o => kernels::linear::linear_split_k(
-                    gpu,
-                    &mut p.slice_mut(..splits * t * h),
-                    &ws.attn.slice(..t * qd),
-                    &w.o_w.slice(..),
-                    t,
-                    qd,
-                    h,
-                    splits,
-                )?,
-                _ => lin(
-                    lt,
-                    gpu,
-                    &mut ws.proj.slice_mut(..t * h),
-                    h,
-                    &ws.attn.slice(..t * qd),
-                    &w.o_w.slice(..),
-                    t,
-                    qd,
-                    h,
-                )?,
-            }
+            let p = partials.as_deref_mut().filter(|_| split_o);
+            let x = ws.attn.slice(..t * qd);
+            project_hidden(lt, gpu, p, splits, &mut ws.proj, &x, &w.o_w, t, qd, h)?;
             mark("rmsnorm (fused add)")?;
-            match partials.as_deref_mut() {
-                Some(p) if split_o => add_norm_partials(
-                    gpu,
-                    &mut ws.hn,
-                    &mut ws.residual,
-                    p,
-                    splits,
-                    &w.post_norm,
-                    norm,
-                )?,
-                _ => add_norm(
-                    gpu,
-                    &mut ws.hn,
-                    &mut ws.residual,
-                    &ws.proj,
-                    &w.post_norm,
-                    norm,
-                )?,
-            }
+            let p = partials.as_deref().filter(|_| split_o);
+            add_norm_after(
+                gpu,
+                &mut ws.hn,
+                &mut ws.residual,
+                &ws.proj,
+                p,
+                splits,
+                &w.post_norm,
+                norm,
+            )?;
             // gate | up side by side in one [t, 2I] buffer: silu_mul's layout.
             mark("gate|up GEMM")?;
             lin(
@@ -1194,50 +1192,22 @@ where
                 inter,
             )?;
             mark("down GEMM")?;
-            match partials.as_deref_mut() {
-                Some(p) if split_down => kernels::linear::linear_split_k(
-                    gpu,
-                    &mut p.slice_mut(..splits * t * h),
-                    &ws.act.slice(..t * inter),
-                    &w.down_w.slice(..),
-                    t,
-                    inter,
-                    h,
-                    splits,
-                )?,
-                _ => lin(
-                    lt,
-                    gpu,
-                    &mut ws.proj.slice_mut(..t * h),
-                    h,
-                    &ws.act.slice(..t * inter),
-                    &w.down_w.slice(..),
-                    t,
-                    inter,
-                    h,
-                )?,
-            }
+            let p = partials.as_deref_mut().filter(|_| split_down);
+            let x = ws.act.slice(..t * inter);
+            project_hidden(lt, gpu, p, splits, &mut ws.proj, &x, &w.down_w, t, inter, h)?;
         }
         mark("rmsnorm (fused add)")?;
-        match partials {
-            Some(p) if split_down => add_norm_partials(
-                gpu,
-                &mut ws.hn,
-                &mut ws.residual,
-                p,
-                splits,
-                final_norm,
-                norm,
-            )?,
-            _ => add_norm(
-                gpu,
-                &mut ws.hn,
-                &mut ws.residual,
-                &ws.proj,
-                final_norm,
-                norm,
-            )?,
-        }
+        let p = partials.as_deref().filter(|_| split_down);
+        add_norm_after(
+            gpu,
+            &mut ws.hn,
+            &mut ws.residual,
+            &ws.proj,
+            p,
+            splits,
+            final_norm,
+            norm,
+        )?;
         // Only the rows whose next token is wanted go through the LM head.
         mark("last-row gather")?;
         kernels::util::gather_rows(
