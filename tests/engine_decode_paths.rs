@@ -69,25 +69,8 @@ fn run(gpu: &kernels::Gpu, ec: EngineConfig) -> (Vec<Vec<u32>>, bool, usize) {
                 .expect("request accepted"),
         );
     }
-    let mut done = Vec::new();
-    let mut steps = 0;
-    while !engine.is_finished() {
-        engine.step(gpu).expect("engine step");
-        done.extend(engine.take_finished());
-        steps += 1;
-        assert!(steps < 10_000, "engine does not finish");
-    }
-    done.extend(engine.take_finished());
+    let out = common::run_to_completion(gpu, &mut engine, &ids);
     let graphs = engine.model.num_graphs();
-    let out = ids
-        .iter()
-        .map(|id| {
-            done.iter()
-                .find(|f| f.seq.id == *id)
-                .map(|f| f.seq.completion().to_vec())
-                .expect("every request finishes")
-        })
-        .collect();
     (out, pdl, graphs)
 }
 

@@ -320,15 +320,7 @@ fn engine_greedy(
                 .expect("request accepted"),
         );
     }
-    let mut done = Vec::new();
-    let mut steps = 0;
-    while !engine.is_finished() {
-        engine.step(gpu).expect("engine step");
-        done.extend(engine.take_finished());
-        steps += 1;
-        assert!(steps < 10_000, "engine does not finish");
-    }
-    done.extend(engine.take_finished());
+    let out = common::run_to_completion(gpu, &mut engine, &ids);
     assert_eq!(
         engine.sched.block_manager().num_free(),
         engine.sched.block_manager().num_blocks(),
@@ -336,15 +328,6 @@ fn engine_greedy(
     );
     let preemptions = engine.sched.num_preemptions();
     let graphs = engine.model.num_graphs();
-    let out = ids
-        .iter()
-        .map(|id| {
-            done.iter()
-                .find(|f| f.seq.id == *id)
-                .map(|f| f.seq.completion().to_vec())
-                .expect("every request finishes")
-        })
-        .collect();
     (out, preemptions, graphs)
 }
 

@@ -126,3 +126,33 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
+
+/// Step `engine` until every request is done (failing after 10,000 steps)
+/// and return the completions of `ids`, in that order.
+#[allow(dead_code)]
+pub fn run_to_completion<T: kernels::Storage>(
+    gpu: &Gpu,
+    engine: &mut workbench::engine::runner::Engine<T>,
+    ids: &[workbench::engine::scheduler::SeqId],
+) -> Vec<Vec<u32>>
+where
+    kernels::cudarc::cublas::CudaBlas: kernels::cudarc::cublas::Gemm<T>,
+{
+    let mut done = Vec::new();
+    let mut steps = 0;
+    while !engine.is_finished() {
+        engine.step(gpu).expect("engine step");
+        done.extend(engine.take_finished());
+        steps += 1;
+        assert!(steps < 10_000, "engine does not finish");
+    }
+    done.extend(engine.take_finished());
+    ids.iter()
+        .map(|id| {
+            done.iter()
+                .find(|f| f.seq.id == *id)
+                .map(|f| f.seq.completion().to_vec())
+                .expect("every request finishes")
+        })
+        .collect()
+}
