@@ -283,28 +283,6 @@ fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         .map_err(KernelError::driver("allocate model buffers"))?)
 }
 
-/// residual += x (rounded to T); hn = RMSNorm(residual) * weight, on t rows.
-fn add_norm<T: Storage>(
-    gpu: &Gpu,
-    hn: &mut CudaSlice<T>,
-    residual: &mut CudaSlice<T>,
-    x: &CudaSlice<T>,
-    weight: &CudaSlice<T>,
-    norm: RmsNormDims,
-) -> Result<(), ModelError> {
-    let n = norm.tokens * norm.hidden;
-    kernels::rmsnorm::fused_add_rmsnorm(
-        gpu,
-        &mut hn.slice_mut(..n),
-        &mut residual.slice_mut(..n),
-        &x.slice(..n),
-        &weight.slice(..),
-        norm,
-        kernels::rmsnorm::PRODUCTION,
-    )?;
-    Ok(())
-}
-
 /// A projection back to the hidden size (o_proj, down): y [t, h] = x [t,
 /// inp] · w^T into `proj`, or, given `partials`, split `splits` ways along K
 /// into f32 partials [splits, t, h] for [`add_norm_after`] to sum.
@@ -334,8 +312,9 @@ where
     }
 }
 
-/// [`add_norm`] of what [`project_hidden`] left: `proj` rounded to T, or
-/// `partials` [splits, t, h] f32 summed in split order.
+/// residual += x (rounded to T); hn = RMSNorm(residual) * weight, on t rows,
+/// with x what [`project_hidden`] left: `proj`, or `partials` [splits, t, h]
+/// f32 summed in split order.
 #[allow(clippy::too_many_arguments)]
 fn add_norm_after<T: Storage>(
     gpu: &Gpu,
@@ -347,19 +326,29 @@ fn add_norm_after<T: Storage>(
     weight: &CudaSlice<T>,
     norm: RmsNormDims,
 ) -> Result<(), ModelError> {
-    let Some(p) = partials else {
-        return add_norm(gpu, hn, residual, proj, weight, norm);
-    };
     let n = norm.tokens * norm.hidden;
-    kernels::rmsnorm::fused_add_rmsnorm_partials(
-        gpu,
-        &mut hn.slice_mut(..n),
-        &mut residual.slice_mut(..n),
-        &p.slice(..splits * n),
-        splits,
-        &weight.slice(..),
-        norm,
-    )?;
+    let (mut hn, mut residual) = (hn.slice_mut(..n), residual.slice_mut(..n));
+    let weight = weight.slice(..);
+    match partials {
+        Some(p) => kernels::rmsnorm::fused_add_rmsnorm_partials(
+            gpu,
+            &mut hn,
+            &mut residual,
+            &p.slice(..splits * n),
+            splits,
+            &weight,
+            norm,
+        )?,
+        None => kernels::rmsnorm::fused_add_rmsnorm(
+            gpu,
+            &mut hn,
+            &mut residual,
+            &proj.slice(..n),
+            &weight,
+            norm,
+            kernels::rmsnorm::PRODUCTION,
+        )?,
+    }
     Ok(())
 }
 
