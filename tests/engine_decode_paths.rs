@@ -13,7 +13,6 @@
 
 mod common;
 
-use workbench::engine::config::Qwen2Config;
 use workbench::engine::model::WeightSource;
 use workbench::engine::runner::{Engine, EngineConfig};
 use workbench::engine::sampler::SamplingParams;
@@ -39,9 +38,7 @@ fn config(cuda_graphs: bool, pdl: bool, split_k: usize) -> EngineConfig {
 /// Greedy completions of 24 prompts of 7..=283 tokens, 48 tokens each, and
 /// whether programmatic dependent launch was on.
 fn run(gpu: &kernels::Gpu, ec: EngineConfig) -> (Vec<Vec<u32>>, bool, usize) {
-    let mut cfg = Qwen2Config::preset("qwen2-0.5b").unwrap();
-    cfg.num_hidden_layers = 2;
-    cfg.vocab_size = 1024;
+    let cfg = common::small_05b_config();
     let mut engine = Engine::<half::bf16>::new(gpu, &cfg, WeightSource::Random { seed: 11 }, ec)
         .expect("engine loads");
     let pdl = gpu.pdl();
@@ -100,7 +97,7 @@ fn gpu_pdl_leaves_greedy_tokens_unchanged() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_split_k_is_deterministic_and_tracks_the_unsplit_gemms() {
-    use workbench::engine::model::{GpuModel, ModelLimits, StepInput, WeightSource, BLOCK_SIZE};
+    use workbench::engine::model::{StepInput, BLOCK_SIZE};
     let gpu = common::gpu();
     // Two runs of the engine with split-K: the same tokens.
     let (a, _, graphs) = run(&gpu, config(true, false, 4));
@@ -112,19 +109,7 @@ fn gpu_split_k_is_deterministic_and_tracks_the_unsplit_gemms() {
     assert_eq!(a, b, "split-K runs must repeat exactly");
 
     // One decode step after a prefill of three sequences, split and not.
-    let mut cfg = Qwen2Config::preset("qwen2-0.5b").unwrap();
-    cfg.num_hidden_layers = 2;
-    cfg.vocab_size = 1024;
-    let limits = ModelLimits {
-        num_blocks: 64,
-        max_tokens: 512,
-        max_seqs: 8,
-        max_model_len: 512,
-    };
-    let load = || {
-        GpuModel::<half::bf16>::build(&gpu, &cfg, WeightSource::Random { seed: 7 }, limits)
-            .expect("random model")
-    };
+    let load = || common::small_05b_model(&gpu);
     let (mut plain, mut split) = (load(), load());
     split.set_split_k(&gpu, 4).expect("split-K partials");
     // Three prompts, with room in their block tables for one more token.

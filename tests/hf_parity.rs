@@ -412,21 +412,8 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_engine_prefill_kernel_matches_per_token_decode_rows() {
-    use workbench::engine::model::{GpuModel, ModelLimits, WeightSource};
     let gpu = common::gpu();
-    let mut cfg = Qwen2Config::preset("qwen2-0.5b").unwrap();
-    cfg.num_hidden_layers = 2;
-    cfg.vocab_size = 1024;
-    let limits = ModelLimits {
-        num_blocks: 64,
-        max_tokens: 512,
-        max_seqs: 8,
-        max_model_len: 512,
-    };
-    let load = || {
-        GpuModel::<half::bf16>::build(&gpu, &cfg, WeightSource::Random { seed: 7 }, limits)
-            .expect("random model")
-    };
+    let load = || common::small_05b_model(&gpu);
     let (mut fast, mut rows) = (load(), load());
     assert!(
         fast.prefill_kernel,

@@ -156,3 +156,30 @@ where
         })
         .collect()
 }
+
+/// The Qwen2-0.5B preset's layer shapes, cut to 2 layers and a 1024-token
+/// vocab: a model that steps in milliseconds with the real kernel shapes.
+#[allow(dead_code)]
+pub fn small_05b_config() -> workbench::engine::config::Qwen2Config {
+    let mut cfg = workbench::engine::config::Qwen2Config::preset("qwen2-0.5b").unwrap();
+    cfg.num_hidden_layers = 2;
+    cfg.vocab_size = 1024;
+    cfg
+}
+
+/// The engine's GPU model with the Qwen2-0.5B preset's layer shapes, cut to
+/// 2 layers and a 1024-token vocab, seeded random bf16 weights (seed 7), and
+/// room for 8 sequences of up to 512 tokens in 64 blocks.
+#[allow(dead_code)]
+pub fn small_05b_model(gpu: &Gpu) -> workbench::engine::model::GpuModel<half::bf16> {
+    use workbench::engine::model::{GpuModel, ModelLimits, WeightSource};
+    let cfg = small_05b_config();
+    let limits = ModelLimits {
+        num_blocks: 64,
+        max_tokens: 512,
+        max_seqs: 8,
+        max_model_len: 512,
+    };
+    GpuModel::<half::bf16>::build(gpu, &cfg, WeightSource::Random { seed: 7 }, limits)
+        .expect("random model")
+}
