@@ -44,6 +44,27 @@ __device__ __forceinline__ void store16(T* p, const Vec16<T>& r) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
 
+// Streaming 16-byte load and store (PTX `.cs`, evict-first in L1 and L2):
+// for data touched exactly once, so it does not push reusable lines out.
+template <typename T>
+__device__ __forceinline__ Vec16<T> load16_cs(const T* p) {
+    Vec16<T> r;
+    uint4 u;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+                 : "l"(p));
+    *reinterpret_cast<uint4*>(&r) = u;
+    return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void store16_cs(T* p, const Vec16<T>& r) {
+    const uint4 u = *reinterpret_cast<const uint4*>(&r);
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y),
+                 "r"(u.z), "r"(u.w)
+                 : "memory");
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) {
     return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
 }

@@ -13,6 +13,11 @@
 //     places). Small rows (Qwen2-0.5B: 2 x 64) leave most of a block idle.
 // v2: one grid-stride loop over (token, 16-byte vector) for k and v together:
 //     every thread busy, the grid sized to the work.
+// v3: no loop: a block is R tokens x (row_elems / N) threads (blockDim =
+//     (row_elems / N, R)), one 16-byte vector of k and one of v per thread,
+//     both loaded before the slot is known, so the slot's latency overlaps the
+//     data's instead of preceding it. Vector case only (the launcher sends
+//     other shapes to v1).
 
 template <typename T>
 __device__ void kv_store_impl(T* __restrict__ k_cache, T* __restrict__ v_cache,
@@ -73,6 +78,23 @@ __device__ void kv_store_v2_impl(T* __restrict__ k_cache, T* __restrict__ v_cach
     }
 }
 
+template <typename T>
+__device__ void kv_store_v3_impl(T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                 const T* __restrict__ k, const T* __restrict__ v,
+                                 const i64* __restrict__ slot_mapping, i64 num_slots, int tokens,
+                                 int row_elems) {
+    constexpr int N = Vec16<T>::N;
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= tokens) return;
+    const int j = threadIdx.x * N;
+    const i64 src = (i64)t * row_elems + j;
+    const Vec16<T> kv = load16(k + src), vv = load16(v + src);
+    const i64 slot = slot_mapping[t];
+    if (slot < 0 || slot >= num_slots) return;
+    store16(k_cache + slot * row_elems + j, kv);
+    store16(v_cache + slot * row_elems + j, vv);
+}
+
 #define WB_KV_STORE(T, S)                                                                      \
     extern "C" __global__ void kv_store_##S(T* k_cache, T* v_cache, const T* k, const T* v,    \
                                             const i64* slot_mapping, i64 num_slots,            \
@@ -83,6 +105,12 @@ __device__ void kv_store_v2_impl(T* __restrict__ k_cache, T* __restrict__ v_cach
                                                const i64* slot_mapping, i64 num_slots,         \
                                                i64 tokens, int row_elems) {                    \
         kv_store_v2_impl<T>(k_cache, v_cache, k, v, slot_mapping, num_slots, tokens,           \
+                            row_elems);                                                        \
+    }                                                                                          \
+    extern "C" __global__ void kv_store_v3_##S(T* k_cache, T* v_cache, const T* k, const T* v, \
+                                               const i64* slot_mapping, i64 num_slots,         \
+                                               int tokens, int row_elems) {                    \
+        kv_store_v3_impl<T>(k_cache, v_cache, k, v, slot_mapping, num_slots, tokens,           \
                             row_elems);                                                        \
     }
 WB_FOR_EACH_DTYPE(WB_KV_STORE)

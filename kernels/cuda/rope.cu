@@ -21,6 +21,11 @@
 //     each thread loads 16 bytes from each half of the head and 2 x 16 bytes
 //     each of cos and sin, so every access is a full vector (head_dim/2 a
 //     multiple of 16/sizeof(T), aligned; otherwise the scalar loop).
+// v3: no loop and no 64-bit division: a block is R tokens x (heads * chunks)
+//     threads (blockDim = (heads * chunks, R)), one 16-byte chunk of each half
+//     per thread; the position and the head's chunks are loaded together, so
+//     only the cos/sin row waits on the position. Vector case only (the
+//     launcher sends other shapes to v2).
 
 template <typename T>
 __device__ void rope_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,
@@ -111,6 +116,27 @@ __device__ void rope_v2_impl(T* __restrict__ q, T* __restrict__ k, const int* __
     }
 }
 
+template <typename T>
+__device__ void rope_v3_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,
+                             const float* __restrict__ cos_sin, int max_positions, int tokens,
+                             int q_heads, int kv_heads, int head_dim) {
+    constexpr int N = Vec16<T>::N;
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= tokens) return;
+    const int half = head_dim / 2;
+    const unsigned chunks = half / N;
+    const int h = threadIdx.x / chunks;
+    const int i = (threadIdx.x - h * chunks) * N;
+    T* x = h < q_heads ? q + ((i64)t * q_heads + h) * head_dim
+                       : k + ((i64)t * kv_heads + (h - q_heads)) * head_dim;
+    const int pos = positions[t];
+    Vec16<T> a = load16(x + i), b = load16(x + half + i);
+    const bool valid = pos >= 0 && pos < max_positions;
+    rotate_chunk(a, b, cos_sin + (i64)(valid ? pos : 0) * head_dim, i, half, valid);
+    store16(x + i, a);
+    store16(x + half + i, b);
+}
+
 #define WB_ROPE(T, S)                                                                           \
     extern "C" __global__ void rope_##S(T* q, T* k, const int* positions, const float* cos_sin, \
                                         int max_positions, int q_heads, int kv_heads,           \
@@ -121,6 +147,12 @@ __device__ void rope_v2_impl(T* __restrict__ q, T* __restrict__ k, const int* __
                                            const float* cos_sin, int max_positions, int tokens, \
                                            int q_heads, int kv_heads, int head_dim) {           \
         rope_v2_impl<T>(q, k, positions, cos_sin, max_positions, tokens, q_heads, kv_heads,     \
+                        head_dim);                                                              \
+    }                                                                                           \
+    extern "C" __global__ void rope_v3_##S(T* q, T* k, const int* positions,                    \
+                                           const float* cos_sin, int max_positions, int tokens, \
+                                           int q_heads, int kv_heads, int head_dim) {           \
+        rope_v3_impl<T>(q, k, positions, cos_sin, max_positions, tokens, q_heads, kv_heads,     \
                         head_dim);                                                              \
     }
 WB_FOR_EACH_DTYPE(WB_ROPE)

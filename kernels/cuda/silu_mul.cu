@@ -6,8 +6,16 @@
 // output); out [tokens, I]. f32 arithmetic, one rounding at the store (HF
 // rounds silu(gate) to T before the multiply; the difference is under one ulp).
 //
-// A grid-stride loop over tokens*I elements; 16-byte vectors when I is a
-// multiple of 16/sizeof(T) and the pointers are aligned.
+// v1: a grid-stride loop over tokens*I elements; 16-byte vectors when I is a
+//     multiple of 16/sizeof(T) and the pointers are aligned. Each iteration
+//     divides a 64-bit index, which sits on the critical path of small shapes.
+// v2: U vectors per thread over the flat [tokens, I/N] vector index in 32-bit
+//     arithmetic (the launcher guarantees tokens*I/N < 2^32), every load issued
+//     before the first store; U = 4 for large shapes, 1 for small ones, where
+//     spreading over more blocks beats fewer, longer threads. Vector case only:
+//     the launcher sends unaligned shapes to v1.
+// v3: v2 with streaming (evict-first) loads and stores: each byte is touched
+//     once, so nothing is worth keeping in L2.
 
 __device__ __forceinline__ float silu_f32(float g) {
     // exp(-g) overflows to inf for g < -88: g / inf = -0, the right limit.
@@ -46,8 +54,56 @@ __device__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ input, 
     }
 }
 
+template <typename T, int U, bool STREAM>
+__device__ void silu_mul_v2_impl(T* __restrict__ out, const T* __restrict__ input,
+                                 unsigned total, unsigned per_row, int inter) {
+    pdl_wait();
+    constexpr int N = Vec16<T>::N;
+    const unsigned first = blockIdx.x * (blockDim.x * U) + threadIdx.x;
+    Vec16<T> g[U], u[U];
+    unsigned t[U], c[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+        const unsigned v = first + j * blockDim.x;
+        t[j] = v / per_row;  // unsigned 32-bit: a few instructions, not a call
+        c[j] = (v - t[j] * per_row) * N;
+        if (v < total) {
+            const T* row = input + (i64)t[j] * 2 * inter + c[j];
+            g[j] = STREAM ? load16_cs(row) : load16(row);
+            u[j] = STREAM ? load16_cs(row + inter) : load16(row + inter);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+        if (first + j * blockDim.x >= total) break;
+        Vec16<T> o;
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+            o.v[e] = from_f32<T>(silu_f32(to_f32(g[j].v[e])) * to_f32(u[j].v[e]));
+        T* dst = out + (i64)t[j] * inter + c[j];
+        if (STREAM) store16_cs(dst, o);
+        else store16(dst, o);
+    }
+}
+
 #define WB_SILU_MUL(T, S)                                                                    \
     extern "C" __global__ void silu_mul_##S(T* out, const T* input, i64 tokens, int inter) { \
         silu_mul_impl<T>(out, input, tokens, inter);                                         \
+    }                                                                                        \
+    extern "C" __global__ void silu_mul_v2u1_##S(T* out, const T* input, unsigned total,     \
+                                                 unsigned per_row, int inter) {              \
+        silu_mul_v2_impl<T, 1, false>(out, input, total, per_row, inter);                    \
+    }                                                                                        \
+    extern "C" __global__ void silu_mul_v2u4_##S(T* out, const T* input, unsigned total,     \
+                                                 unsigned per_row, int inter) {              \
+        silu_mul_v2_impl<T, 4, false>(out, input, total, per_row, inter);                    \
+    }                                                                                        \
+    extern "C" __global__ void silu_mul_v3u1_##S(T* out, const T* input, unsigned total,     \
+                                                 unsigned per_row, int inter) {              \
+        silu_mul_v2_impl<T, 1, true>(out, input, total, per_row, inter);                     \
+    }                                                                                        \
+    extern "C" __global__ void silu_mul_v3u4_##S(T* out, const T* input, unsigned total,     \
+                                                 unsigned per_row, int inter) {              \
+        silu_mul_v2_impl<T, 4, true>(out, input, total, per_row, inter);                     \
     }
 WB_FOR_EACH_DTYPE(WB_SILU_MUL)

@@ -3,8 +3,8 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, Result};
-use crate::launch::{cfg, grid_u32, threads_for, typed_function};
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use crate::launch::{all_aligned16, cfg, grid_u32, threads_for, typed_function, KernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 const OP: &str = "kv_store";
 
@@ -18,7 +18,7 @@ pub struct KvStoreDims {
 }
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
 pub const PRODUCTION: &str = "v1";
 
 /// k, v [tokens, kv_heads, head_dim] -> caches [num_blocks, block_size,
@@ -66,11 +66,39 @@ pub fn kv_store<T: Storage>(
     }
     let num_slots = (d.num_blocks * d.block_size) as i64;
     let vec = 16 / std::mem::size_of::<T>();
+    let per_row = row as usize / vec;
+    let v3 = variant == "v3"
+        && row as usize % vec == 0
+        && per_row <= 1024
+        && i32::try_from(d.tokens).is_ok()
+        && all_aligned16(gpu, &[&*k_cache as &dyn KernelArg, &*v_cache, k, v]);
     let stream = gpu.stream();
     // SAFETY: lengths checked above; the kernels skip slots outside
     // [0, num_slots); v2's grid-stride loop stops at tokens * row.
     unsafe {
-        if variant == "v1" {
+        if v3 {
+            let f = typed_function::<T>(gpu, "kv_store", "kv_store_v3")?;
+            // About 128 threads a block: R tokens of per_row threads each.
+            let rows = (128 / per_row).max(1);
+            let c = LaunchConfig {
+                grid_dim: (grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?, 1, 1),
+                block_dim: (per_row as u32, rows as u32, 1),
+                shared_mem_bytes: 0,
+            };
+            let tokens = d.tokens as i32;
+            stream
+                .launch_builder(&f)
+                .arg(k_cache)
+                .arg(v_cache)
+                .arg(k)
+                .arg(v)
+                .arg(slot_mapping)
+                .arg(&num_slots)
+                .arg(&tokens)
+                .arg(&row)
+                .launch(c)
+        } else if variant != "v2" {
+            // v1, and v3's shapes that need the scalar path.
             let f = typed_function::<T>(gpu, "kv_store", "kv_store")?;
             stream
                 .launch_builder(&f)

@@ -41,6 +41,12 @@ pub(crate) fn grid_u32(op: &'static str, arg: &'static str, v: usize) -> Result<
     })
 }
 
+/// True when every buffer starts on a 16-byte boundary (the vector paths'
+/// precondition, checked on the host so the kernel need not branch on it).
+pub(crate) fn all_aligned16(gpu: &Gpu, bufs: &[&dyn KernelArg]) -> bool {
+    bufs.iter().all(|b| b.slot(gpu.stream()) % 16 == 0)
+}
+
 /// One kernel argument as the 8-byte slot `cuLaunchKernelEx` reads it from:
 /// a device pointer, or a scalar's bytes (little-endian, low bytes first).
 pub(crate) trait KernelArg {

@@ -4,8 +4,8 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
-use crate::launch::{cfg, grid_u32, threads_for, typed_function};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use crate::launch::{all_aligned16, cfg, grid_u32, threads_for, typed_function, KernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 const OP: &str = "rope";
 
@@ -64,7 +64,7 @@ pub struct RopeDims {
 }
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
 pub const PRODUCTION: &str = "v2";
 
 /// Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in
@@ -116,10 +116,18 @@ pub fn rope<T: Storage>(
         .map_err(|_| KernelError::shape(OP, "tokens", "<= 2^31 - 1", d.tokens))?;
     let pairs = (d.q_heads + d.kv_heads) * d.head_dim / 2;
     let max_pos = table.max_positions as i32;
+    let vec = 16 / std::mem::size_of::<T>();
+    // v3's block holds one thread per 16-byte chunk of a token's heads.
+    let per_token = (d.q_heads + d.kv_heads) * d.head_dim / 2 / vec;
+    let v3 = variant == "v3"
+        && (d.head_dim / 2) % vec == 0
+        && per_token <= 1024
+        && all_aligned16(gpu, &[&*q as &dyn KernelArg, &*k, &table.data]);
     let stream = gpu.stream();
     // SAFETY: q, k and positions have the lengths checked above; positions are
     // range-checked on the device against max_pos before the table is read;
-    // v2's grid-stride loop stops at tokens * heads * pairs.
+    // v2's grid-stride loop stops at tokens * heads * pairs; v3's threads stop
+    // at t >= tokens and cover exactly heads * chunks per token.
     unsafe {
         if variant == "v1" {
             let f = typed_function::<T>(gpu, "rope", "rope")?;
@@ -138,9 +146,30 @@ pub fn rope<T: Storage>(
                 .arg(&kv_heads)
                 .arg(&head_dim)
                 .launch(c)
+        } else if v3 {
+            let f = typed_function::<T>(gpu, "rope", "rope_v3")?;
+            // About 256 threads a block: R tokens of per_token threads each.
+            let rows = (256 / per_token).max(1);
+            let c = LaunchConfig {
+                grid_dim: (grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?, 1, 1),
+                block_dim: (per_token as u32, rows as u32, 1),
+                shared_mem_bytes: 0,
+            };
+            stream
+                .launch_builder(&f)
+                .arg(q)
+                .arg(k)
+                .arg(positions)
+                .arg(&table.data)
+                .arg(&max_pos)
+                .arg(&tokens)
+                .arg(&q_heads)
+                .arg(&kv_heads)
+                .arg(&head_dim)
+                .launch(c)
         } else {
+            // v2, and v3's shapes that need the scalar path.
             let f = typed_function::<T>(gpu, "rope", "rope_v2")?;
-            let vec = 16 / std::mem::size_of::<T>();
             let work = (d.tokens * pairs).div_ceil(vec);
             let blocks = work
                 .div_ceil(256)

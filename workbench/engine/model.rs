@@ -1179,6 +1179,7 @@ where
                 &ws.gu.slice(..t * 2 * inter),
                 t,
                 inter,
+                kernels::silu_mul::PRODUCTION,
             )?;
             mark("down GEMM")?;
             let p = partials.as_deref_mut().filter(|_| split_down);

@@ -41,6 +41,11 @@ const VARIANTS: &[Variant] = &[
         note: "one grid-stride loop over (token, 16-byte vector); faster than v1 only for Qwen2-0.5B prefill on the H100 (2026-11-25)",
         production: false,
     },
+    Variant {
+        name: "v3",
+        note: "no loop: (row vectors, tokens) blocks, k and v loaded before the slot arrives",
+        production: false,
+    },
 ];
 
 const LARGE: f64 = 3.0e4;

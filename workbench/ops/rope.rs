@@ -34,6 +34,11 @@ Variant {
     name: "v2",
     note: "grid-stride over (token, head, 16-byte chunk): 16-byte loads of both halves and float4 cos/sin",
     production: true,
+},
+Variant {
+    name: "v3",
+    note: "v2 without the loop and its 64-bit divisions: one chunk per thread, (chunks, tokens) blocks, position loaded beside the chunk",
+    production: false,
 }];
 
 const LARGE: f64 = 3.0e4;

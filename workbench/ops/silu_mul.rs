@@ -8,8 +8,8 @@ use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::{
-    finish, rand_buf, rounded_once, to_storage, Bench, Expect, Op, RunError, Sabotage, Stored,
-    Variant,
+    finish, rand_buf, rounded_once, static_variant, to_storage, Bench, Expect, Op, RunError,
+    Sabotage, Stored, Variant,
 };
 use crate::shapes::{self, flat, view2};
 use cudarc::driver::CudaSlice;
@@ -21,11 +21,23 @@ use rand::Rng;
 
 pub struct SiluMul;
 
-const VARIANTS: &[Variant] = &[Variant {
-    name: "v1",
-    note: "grid-stride elementwise, 16-byte vectors when I is aligned",
-    production: true,
-}];
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "v1",
+        note: "grid-stride elementwise, 16-byte vectors when I is aligned",
+        production: true,
+    },
+    Variant {
+        name: "v2",
+        note: "4 vectors per thread (1 for small shapes), 32-bit index math, all loads before the stores",
+        production: false,
+    },
+    Variant {
+        name: "v3",
+        note: "v2 with streaming (evict-first) loads and stores",
+        production: false,
+    },
+];
 
 /// `large`: gates near ±80, where a naive exp(-g) overflows f32, and ups near
 /// ±80 (products stay inside f16's range).
@@ -115,7 +127,7 @@ impl Op for SiluMul {
         sets: usize,
     ) -> Result<Box<dyn Bench>, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets))
+        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
     }
 
     fn run(
@@ -127,7 +139,10 @@ impl Op for SiluMul {
         sabotage: Sabotage,
     ) -> Result<Metrics, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+        by_dtype!(
+            dtype,
+            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+        )
     }
 }
 
@@ -136,6 +151,7 @@ fn run_t<T: Stored>(
     case: &Case,
     sabotage: Sabotage,
     tol: Tolerance,
+    variant: &str,
 ) -> Result<Metrics, RunError> {
     let (tokens, inter) = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
@@ -156,6 +172,7 @@ fn run_t<T: Stored>(
             &gin.view(rows * 2 * inter),
             rows,
             inter,
+            variant,
         )?;
     }
     let outputs = vec![Expect {
@@ -172,6 +189,7 @@ struct SiluBench<T> {
     sets: Vec<[CudaSlice<T>; 2]>,
     tokens: usize,
     inter: usize,
+    variant: &'static str,
 }
 
 impl<T: Stored> Bench for SiluBench<T> {
@@ -184,11 +202,17 @@ impl<T: Stored> Bench for SiluBench<T> {
             &input.slice(0..2 * t * i),
             t,
             i,
+            self.variant,
         )
     }
 }
 
-fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Bench>, RunError> {
+fn bench_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sets: usize,
+    variant: &str,
+) -> Result<Box<dyn Bench>, RunError> {
     let (tokens, inter) = params(case)?;
     let sets = (0..sets as u64)
         .map(|s| -> Result<[CudaSlice<T>; 2], KernelError> {
@@ -202,5 +226,6 @@ fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Ben
         sets,
         tokens,
         inter,
+        variant: static_variant(variant),
     }))
 }
