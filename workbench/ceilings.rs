@@ -12,9 +12,9 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use half::bf16;
 use kernels::timing::{time_eager, time_launches, TimingOpts};
 use kernels::{Gpu, KernelError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ceiling {
     pub name: String,
     pub value: f64,
@@ -22,7 +22,7 @@ pub struct Ceiling {
     pub source: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ceilings {
     pub gb_per_s: f64,
     pub tflop_per_s: f64,

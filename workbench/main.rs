@@ -205,6 +205,11 @@ struct RooflineArgs {
     /// L2 size written into --emit-cases (bytes; H100: 50 MiB).
     #[arg(long, default_value_t = 50 << 20)]
     l2_bytes: u64,
+    /// Rebuild the report of an earlier run from DIR/run.json and exit (no
+    /// GPU; writes into --out, default DIR). Production marks follow the
+    /// current registry; the numbers are the run's.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernels", "variant", "peers", "peers_missing", "emit_cases"])]
+    render: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     device: usize,
 }
@@ -433,6 +438,10 @@ fn gpu_dir(name: &str) -> String {
 
 fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     use workbench::{ceilings, roofline, roofline_report};
+    if let Some(dir) = &a.render {
+        let rec = roofline::RunRecord::load(&dir.join("run.json"))?;
+        return render_roofline(&rec, a.out.as_deref().unwrap_or(dir));
+    }
     let jobs: Vec<_> = roofline::plan(&a.kernels, a.dtype)?
         .into_iter()
         .filter(|j| a.variant.as_deref().is_none_or(|v| j.variant == v))
@@ -485,10 +494,6 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     );
     let ours = roofline::run(&gpu, &jobs, &c, kernels::timing::TimingOpts::default())?;
 
-    let mut all = ours.clone();
-    all.extend(peers.iter().cloned());
-    roofline::write_csv(&all, &out.join("roofline.csv"))?;
-    roofline::write_ceilings(&c, &out.join("ceilings.csv"))?;
     let ctx = gpu.context();
     let attr = |x| ctx.attribute(x).unwrap_or(0);
     use kernels::cudarc::driver::sys::CUdevice_attribute as A;
@@ -512,16 +517,35 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
             ),
         ),
     ];
+    let record = roofline::RunRecord::new(prov, command, extra, c, ours, peers, missing);
+    record.save(&out.join("run.json"))?;
+    render_roofline(&record, &out)
+}
+
+/// Write a roofline run's report into `out`: roofline.csv, ceilings.csv,
+/// SETUP.md, roofline.md, the plots, and the summary table on stdout.
+/// Exit code 1 when any case failed its check.
+fn render_roofline(
+    rec: &workbench::roofline::RunRecord,
+    out: &std::path::Path,
+) -> Result<ExitCode, Setup> {
+    use workbench::{roofline, roofline_report};
+    let (prov, c, ours, peers) = (&rec.provenance, &rec.ceilings, &rec.ours, &rec.peers);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut all = ours.clone();
+    all.extend(peers.iter().cloned());
+    roofline::write_csv(&all, &out.join("roofline.csv"))?;
+    roofline::write_ceilings(c, &out.join("ceilings.csv"))?;
     std::fs::write(
         out.join("SETUP.md"),
-        roofline_report::setup(&prov, &c, &extra, &command),
+        roofline_report::setup(prov, c, &rec.setup_extra, &rec.command),
     )?;
     std::fs::write(
         out.join("roofline.md"),
-        roofline_report::markdown(&ours, &peers, &missing, &c, &prov, &command),
+        roofline_report::markdown(ours, peers, &rec.missing, c, prov, &rec.command),
     )?;
     let title = format!("{}, {}", prov.gpu, prov.date_utc);
-    let plots = roofline_report::plots(&ours, &peers, &c, &title, &out)?;
+    let plots = roofline_report::plots(ours, peers, c, &title, out)?;
 
     // Summary: per kernel, how many cases, % of ceiling range, and the verdicts.
     let mut t = Table::new();
@@ -536,9 +560,9 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
         "slower",
         "no peer",
     ]);
-    let vs = roofline::verdicts(&ours, &peers);
+    let vs = roofline::verdicts(ours, peers);
     let mut keys: Vec<(String, String)> = Vec::new();
-    for r in &ours {
+    for r in ours {
         let k = (r.kernel.clone(), r.variant.clone());
         if !keys.contains(&k) {
             keys.push(k);

@@ -4,12 +4,12 @@
 use crate::check::{Kind, Row};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
 use kernels::DeviceInfo;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The card, driver and date every report carries.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Provenance {
     pub gpu: String,
     pub compute_capability: String,

@@ -190,6 +190,75 @@ pub fn run(
     Ok(rows)
 }
 
+/// Everything one roofline run measured, saved as `run.json` beside its
+/// report, so `workbench roofline --render DIR` can rebuild roofline.md, the
+/// plots and the summary without a GPU (after a variant becomes production,
+/// say). The numbers are never re-derived from anything but this record.
+#[derive(Serialize, Deserialize)]
+pub struct RunRecord {
+    pub provenance: crate::report::Provenance,
+    pub command: String,
+    /// Clocks and bus width for SETUP.md.
+    pub setup_extra: Vec<(String, String)>,
+    pub ceilings: Ceilings,
+    pub ours: Vec<PerfRow>,
+    /// p10–p90 of each row of `ours`, in order (roofline.csv has no column for it).
+    spreads: Vec<Option<(f64, f64)>>,
+    pub peers: Vec<PerfRow>,
+    pub missing: crate::roofline_report::Missing,
+}
+
+impl RunRecord {
+    pub fn new(
+        provenance: crate::report::Provenance,
+        command: String,
+        setup_extra: Vec<(String, String)>,
+        ceilings: Ceilings,
+        ours: Vec<PerfRow>,
+        peers: Vec<PerfRow>,
+        missing: crate::roofline_report::Missing,
+    ) -> Self {
+        let spreads = ours.iter().map(|r| r.spread).collect();
+        RunRecord {
+            provenance,
+            command,
+            setup_extra,
+            ceilings,
+            ours,
+            spreads,
+            peers,
+            missing,
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "reading {} (a directory written by `workbench roofline` holds run.json)",
+                path.display()
+            )
+        })?;
+        let mut r: RunRecord = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a roofline run record", path.display()))?;
+        anyhow::ensure!(
+            r.spreads.len() == r.ours.len(),
+            "{}: {} spreads for {} rows of ours",
+            path.display(),
+            r.spreads.len(),
+            r.ours.len()
+        );
+        for (row, s) in r.ours.iter_mut().zip(&r.spreads) {
+            row.spread = *s;
+        }
+        Ok(r)
+    }
+}
+
 /// Read peers' CSVs (same schema) and derive their columns with our ceilings.
 pub fn read_peers(
     paths: &[std::path::PathBuf],
@@ -304,6 +373,60 @@ mod tests {
             pct_of_ceiling: String::new(),
             spread: None,
         }
+    }
+
+    #[test]
+    fn run_record_round_trips_with_spreads() {
+        let c = Ceilings {
+            gb_per_s: 3000.0,
+            tflop_per_s: 800.0,
+            rows: vec![],
+        };
+        let mut ours = row("ours", "1.000");
+        ours.spread = Some((0.95, 1.05));
+        let prov = crate::report::Provenance {
+            gpu: "NVIDIA H100 80GB HBM3".into(),
+            compute_capability: "9.0".into(),
+            arch: "sm_90a".into(),
+            sm_count: 132,
+            l2_mib: 50.0,
+            memory_gib: 79.0,
+            cuda_driver: "13.0".into(),
+            date_utc: "2026-11-26 08:00 UTC".into(),
+            workbench: "0.1.0".into(),
+        };
+        let missing = vec![(
+            "rope_kv_store".into(),
+            "flashinfer".into(),
+            "no fused op".into(),
+        )];
+        let rec = RunRecord::new(
+            prov,
+            "workbench roofline".into(),
+            vec![("SM clock (max)".into(), "1980 MHz".into())],
+            c,
+            vec![ours, row("ours", "FAIL")],
+            vec![row("flashinfer", "1.02")],
+            missing,
+        );
+        let dir = std::env::temp_dir().join(format!("wb-run-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.json");
+        rec.save(&path).unwrap();
+        let back = RunRecord::load(&path).unwrap();
+        assert_eq!(back.ours.len(), 2);
+        assert_eq!(back.ours[0].spread, Some((0.95, 1.05)));
+        assert_eq!(back.ours[1].spread, None);
+        assert_eq!(back.peers[0].us, "1.02");
+        assert_eq!(back.provenance.date_utc, "2026-11-26 08:00 UTC");
+        assert_eq!(back.missing[0].1, "flashinfer");
+        // A record whose spreads do not match its rows is refused.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["spreads"] = serde_json::json!([]);
+        std::fs::write(&path, v.to_string()).unwrap();
+        assert!(RunRecord::load(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

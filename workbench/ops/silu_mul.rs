@@ -7,6 +7,7 @@ use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
 use crate::guard::Guarded;
+use crate::op::par_rows;
 use crate::op::{
     finish, rand_buf, rounded_once, static_variant, to_storage, Bench, Expect, Op, RunError,
     Sabotage, Stored, Variant,
@@ -157,10 +158,12 @@ fn run_t<T: Stored>(
     let (g, mut rng) = gen::from_case(case)?;
     let mut input = g.fill(&mut rng, tokens * 2 * inter, 2 * inter, LARGE); // [tokens, 2I]
     gen::round_all(&mut input, T::DTYPE);
-    let want = flat(reference::silu_mul::silu_mul(view2(
-        &input,
-        (tokens, 2 * inter),
-    ))?);
+    // Reference in f64 on the rounded inputs, rows in parallel.
+    let row = 2 * inter;
+    let [want] = par_rows(tokens, row, |r| -> Result<_, RunError> {
+        let rows = view2(&input[r.start * row..r.end * row], (r.len(), row));
+        Ok([flat(reference::silu_mul::silu_mul(rows)?)])
+    })?;
 
     let gin = Guarded::input(gpu, "input", to_storage::<T>(&input))?;
     let mut gout = Guarded::<T>::output(gpu, "out", tokens * inter)?;
