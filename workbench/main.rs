@@ -439,7 +439,15 @@ fn gpu_dir(name: &str) -> String {
 fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     use workbench::{ceilings, roofline, roofline_report};
     if let Some(dir) = &a.render {
-        let rec = roofline::RunRecord::load(&dir.join("run.json"))?;
+        let mut rec = roofline::RunRecord::load(&dir.join("run.json"))?;
+        // The report says it was rebuilt, and by what (its "Produced by" line
+        // wraps the command in backticks).
+        rec.command = format!(
+            "{}`; report rebuilt from its run.json on {} by `{}",
+            rec.command,
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+            std::env::args().collect::<Vec<_>>().join(" ")
+        );
         return render_roofline(&rec, a.out.as_deref().unwrap_or(dir));
     }
     let jobs: Vec<_> = roofline::plan(&a.kernels, a.dtype)?

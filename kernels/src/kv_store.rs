@@ -19,7 +19,7 @@ pub struct KvStoreDims {
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
-pub const PRODUCTION: &str = "v1";
+pub const PRODUCTION: &str = "v3";
 
 /// k, v [tokens, kv_heads, head_dim] -> caches [num_blocks, block_size,
 /// kv_heads, head_dim] at slot_mapping [tokens] (i64; negative = skip).
