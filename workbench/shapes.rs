@@ -13,7 +13,7 @@ pub const HIDDEN: &[usize] = &[896, 1536, 3584, 8192];
 /// Token counts for check cases: one, odd, not a multiple of anything.
 pub const TOKENS_CHECK: [usize; 3] = [1, 7, 83];
 /// Perf token counts: decode batches, then prefill chunks.
-pub const PERF_TOKENS: &[usize] = &[1, 8, 64, 256, 4096, 16384];
+pub const PERF_TOKENS: &[usize] = &[1, 8, 64, 256, 4096, 16384, 65536];
 
 #[derive(Clone, Copy, Debug)]
 pub struct Model {

@@ -26,6 +26,9 @@
 //     per thread; the position and the head's chunks are loaded together, so
 //     only the cos/sin row waits on the position. Vector case only (the
 //     launcher sends other shapes to v2).
+// v4: v3 with a token's chunks split over blocks of at most 128 threads
+//     (grid.y), so one token of a 72-head model runs on five SMs instead of
+//     one 576-thread block.
 
 template <typename T>
 __device__ void rope_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,
@@ -116,7 +119,7 @@ __device__ void rope_v2_impl(T* __restrict__ q, T* __restrict__ k, const int* __
     }
 }
 
-template <typename T>
+template <typename T, bool SPLIT>
 __device__ void rope_v3_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,
                              const float* __restrict__ cos_sin, int max_positions, int tokens,
                              int q_heads, int kv_heads, int head_dim) {
@@ -125,8 +128,11 @@ __device__ void rope_v3_impl(T* __restrict__ q, T* __restrict__ k, const int* __
     if (t >= tokens) return;
     const int half = head_dim / 2;
     const unsigned chunks = half / N;
-    const int h = threadIdx.x / chunks;
-    const int i = (threadIdx.x - h * chunks) * N;
+    // v3: the block spans the token's chunks; v4: grid.y splits them.
+    const unsigned w = SPLIT ? blockIdx.y * blockDim.x + threadIdx.x : threadIdx.x;
+    if (SPLIT && w >= (q_heads + kv_heads) * chunks) return;
+    const int h = w / chunks;
+    const int i = (w - h * chunks) * N;
     T* x = h < q_heads ? q + ((i64)t * q_heads + h) * head_dim
                        : k + ((i64)t * kv_heads + (h - q_heads)) * head_dim;
     const int pos = positions[t];
@@ -152,7 +158,13 @@ __device__ void rope_v3_impl(T* __restrict__ q, T* __restrict__ k, const int* __
     extern "C" __global__ void rope_v3_##S(T* q, T* k, const int* positions,                    \
                                            const float* cos_sin, int max_positions, int tokens, \
                                            int q_heads, int kv_heads, int head_dim) {           \
-        rope_v3_impl<T>(q, k, positions, cos_sin, max_positions, tokens, q_heads, kv_heads,     \
-                        head_dim);                                                              \
+        rope_v3_impl<T, false>(q, k, positions, cos_sin, max_positions, tokens, q_heads,       \
+                               kv_heads, head_dim);                                             \
+    }                                                                                           \
+    extern "C" __global__ void rope_v4_##S(T* q, T* k, const int* positions,                    \
+                                           const float* cos_sin, int max_positions, int tokens, \
+                                           int q_heads, int kv_heads, int head_dim) {           \
+        rope_v3_impl<T, true>(q, k, positions, cos_sin, max_positions, tokens, q_heads,         \
+                              kv_heads, head_dim);                                              \
     }
 WB_FOR_EACH_DTYPE(WB_ROPE)

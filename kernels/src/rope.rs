@@ -64,7 +64,7 @@ pub struct RopeDims {
 }
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
 pub const PRODUCTION: &str = "v3";
 
 /// Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in
@@ -119,7 +119,7 @@ pub fn rope<T: Storage>(
     let vec = 16 / std::mem::size_of::<T>();
     // v3's block holds one thread per 16-byte chunk of a token's heads.
     let per_token = (d.q_heads + d.kv_heads) * d.head_dim / 2 / vec;
-    let v3 = variant == "v3"
+    let v3 = (variant == "v3" || variant == "v4")
         && (d.head_dim / 2) % vec == 0
         && per_token <= 1024
         && all_aligned16(gpu, &[&*q as &dyn KernelArg, &*k, &table.data]);
@@ -127,7 +127,8 @@ pub fn rope<T: Storage>(
     // SAFETY: q, k and positions have the lengths checked above; positions are
     // range-checked on the device against max_pos before the table is read;
     // v2's grid-stride loop stops at tokens * heads * pairs; v3's threads stop
-    // at t >= tokens and cover exactly heads * chunks per token.
+    // at t >= tokens and cover exactly heads * chunks per token (v4 masks
+    // the last column block's overhang).
     unsafe {
         if variant == "v1" {
             let f = typed_function::<T>(gpu, "rope", "rope")?;
@@ -147,12 +148,23 @@ pub fn rope<T: Storage>(
                 .arg(&head_dim)
                 .launch(c)
         } else if v3 {
-            let f = typed_function::<T>(gpu, "rope", "rope_v3")?;
-            // About 256 threads a block: R tokens of per_token threads each.
-            let rows = (256 / per_token).max(1);
+            let f = typed_function::<T>(gpu, "rope", &format!("rope_{variant}"))?;
+            // v3: about 256 threads a block, R tokens of per_token threads
+            // each. v4: blocks of at most 128 threads; a token's chunks
+            // spread over grid.y when it has more.
+            let (cols, target) = if variant == "v3" {
+                (per_token, 256)
+            } else {
+                (per_token.min(128), 128)
+            };
+            let rows = (target / cols).max(1);
             let c = LaunchConfig {
-                grid_dim: (grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?, 1, 1),
-                block_dim: (per_token as u32, rows as u32, 1),
+                grid_dim: (
+                    grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?,
+                    per_token.div_ceil(cols) as u32,
+                    1,
+                ),
+                block_dim: (cols as u32, rows as u32, 1),
                 shared_mem_bytes: 0,
             };
             stream

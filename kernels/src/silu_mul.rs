@@ -3,13 +3,13 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
-use crate::launch::{all_aligned16, cfg, typed_function, KernelArg, Launch};
+use crate::launch::{all_aligned16, cfg, grid_u32, typed_function, KernelArg, Launch};
 use cudarc::driver::{CudaView, CudaViewMut};
 
 const OP: &str = "silu_mul";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
 pub const PRODUCTION: &str = "v1";
 
 /// Threads per block of every variant.
@@ -48,7 +48,9 @@ pub fn silu_mul<T: Storage>(
     let flat_ok = inter % vec == 0
         && (vectors + 4 * THREADS) < u32::MAX as usize
         && all_aligned16(gpu, &[&*out as &dyn KernelArg, input]);
-    let launched = if variant == "v1" || !flat_ok {
+    // v4's grid.y counts runs of 512 vectors of a row (at most 65535).
+    let v4_ok = inter % vec == 0 && (inter / vec).div_ceil(512) <= 65535;
+    let launched = if variant == "v1" || !flat_ok || (variant == "v4" && !v4_ok) {
         let f = typed_function::<T>(gpu, "silu_mul", "silu_mul")?;
         let work = (tokens * inter).div_ceil(vec);
         // Grid-stride loop: enough blocks to fill the card several times over.
@@ -63,6 +65,23 @@ pub fn silu_mul<T: Storage>(
                 .arg(&tokens_i)
                 .arg(&inter_i)
                 .launch(cfg((blocks, 1, 1), THREADS as u32))
+        }
+    } else if variant == "v4" {
+        let f = typed_function::<T>(gpu, "silu_mul", "silu_mul_v4")?;
+        let per_row = inter / vec;
+        let threads = per_row.next_multiple_of(32).min(512);
+        let grid = (
+            grid_u32(OP, "tokens", tokens)?,
+            grid_u32(OP, "inter / vector blocks", per_row.div_ceil(threads))?,
+            1,
+        );
+        // SAFETY: as for v1; each thread checks its vector against inter.
+        unsafe {
+            Launch::new(gpu, &f)
+                .arg(&*out)
+                .arg(input)
+                .arg(&inter_i)
+                .launch(cfg(grid, threads as u32))
         }
     } else {
         // Four vectors per thread once that still leaves a few blocks per SM;

@@ -39,6 +39,11 @@ Variant {
     name: "v3",
     note: "v2 without the loop and its 64-bit divisions: one chunk per thread, (chunks, tokens) blocks, position loaded beside the chunk; 22 of 24 H100 cases faster than FlashInfer (2026-11-26), 72 heads x 1-8 tokens slower (one 576-thread block a token)",
     production: true,
+},
+Variant {
+    name: "v4",
+    note: "v3 with blocks of at most 128 threads: a token's chunks spread over grid.y when it has more (72 heads: five blocks, not one)",
+    production: false,
 }];
 
 const LARGE: f64 = 3.0e4;
