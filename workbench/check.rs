@@ -82,19 +82,16 @@ pub struct Selection {
 }
 
 fn variants_of(op: &'static dyn Op, wanted: Option<&str>) -> Result<Vec<&'static str>, PlanError> {
-    let all: Vec<&'static str> = op.variants().iter().map(|v| v.name).collect();
-    match wanted {
-        None => Ok(all),
-        Some(w) => all
-            .iter()
-            .find(|v| **v == w)
-            .map(|v| vec![*v])
-            .ok_or_else(|| PlanError::Variant {
-                kernel: op.name(),
-                variant: w.to_string(),
-                known: all.join(", "),
-            }),
+    let picked = registry::select_variants(op, wanted);
+    if picked.is_empty() {
+        let known: Vec<&str> = op.variants().iter().map(|v| v.name).collect();
+        return Err(PlanError::Variant {
+            kernel: op.name(),
+            variant: wanted.unwrap_or_default().to_string(),
+            known: format!("{}, production, latest", known.join(", ")),
+        });
     }
+    Ok(picked)
 }
 
 /// Every job the selection names, validated before any GPU work.

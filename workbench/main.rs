@@ -187,7 +187,8 @@ struct RooflineArgs {
     kernels: Vec<String>,
     #[arg(long, default_value = "bf16")]
     dtype: DType,
-    /// Only this variant of each kernel (default: all, so the report shows the path).
+    /// Only these variants of each kernel: names, `production`, `latest`,
+    /// comma-separated (default: all, so the report shows the path).
     #[arg(long)]
     variant: Option<String>,
     /// Report directory (default: reports/<gpu>, e.g. reports/h100).
@@ -238,7 +239,7 @@ struct CheckArgs {
     /// Only these dtypes (comma-separated: bf16,f16,f32).
     #[arg(long, value_delimiter = ',')]
     dtype: Vec<DType>,
-    /// Only this variant.
+    /// Only these variants: names, `production`, `latest`, comma-separated.
     #[arg(long)]
     variant: Option<String>,
     /// Only the check cases or only the perf cases.
@@ -452,7 +453,9 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
     }
     let jobs: Vec<_> = roofline::plan(&a.kernels, a.dtype)?
         .into_iter()
-        .filter(|j| a.variant.as_deref().is_none_or(|v| j.variant == v))
+        .filter(|j| {
+            workbench::registry::select_variants(j.op, a.variant.as_deref()).contains(&j.variant)
+        })
         .collect();
     if jobs.is_empty() {
         return Err(Setup(anyhow::anyhow!(

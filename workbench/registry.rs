@@ -18,12 +18,53 @@ pub fn find(name: &str) -> Option<&'static dyn Op> {
     OPS.iter().copied().find(|o| o.name() == name)
 }
 
+/// The variants of `op` that a `--variant` filter names, oldest first. The
+/// filter is a comma list of variant names and the words `production` (the
+/// variant the engine uses) and `latest` (the newest); None selects every
+/// variant. Names `op` lacks are skipped: callers refuse a filter that
+/// selects nothing.
+pub fn select_variants(op: &dyn Op, filter: Option<&str>) -> Vec<&'static str> {
+    let all = op.variants();
+    let Some(filter) = filter else {
+        return all.iter().map(|v| v.name).collect();
+    };
+    let words: Vec<&str> = filter.split(',').map(str::trim).collect();
+    all.iter()
+        .enumerate()
+        .filter(|(i, v)| {
+            words.iter().any(|w| {
+                *w == v.name
+                    || (*w == "production" && v.production)
+                    || (*w == "latest" && *i + 1 == all.len())
+            })
+        })
+        .map(|(_, v)| v.name)
+        .collect()
+}
+
 pub fn names() -> Vec<&'static str> {
     OPS.iter().map(|o| o.name()).collect()
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn variant_filters_name_production_and_latest() {
+        let rope = super::find("rope").unwrap();
+        let all: Vec<_> = rope.variants().iter().map(|v| v.name).collect();
+        assert_eq!(super::select_variants(rope, None), all);
+        let prod = kernels::rope::PRODUCTION;
+        assert_eq!(super::select_variants(rope, Some("production")), vec![prod]);
+        assert_eq!(
+            super::select_variants(rope, Some("latest")),
+            vec![*all.last().unwrap()]
+        );
+        let both = super::select_variants(rope, Some("v1, production"));
+        assert_eq!(both[0], "v1");
+        assert!(both.contains(&prod));
+        assert!(super::select_variants(rope, Some("v99")).is_empty());
+    }
+
     use super::*;
     use kernels::compile::SOURCES;
 

@@ -26,9 +26,9 @@
 //     per thread; the position and the head's chunks are loaded together, so
 //     only the cos/sin row waits on the position. Vector case only (the
 //     launcher sends other shapes to v2).
-// v4: v3 with a token's chunks split over blocks of at most 128 threads
-//     (grid.y), so one token of a 72-head model runs on five SMs instead of
-//     one 576-thread block.
+// v4: up to 256 tokens, v3 with a token's chunks split over blocks of at
+//     most 128 threads (grid.y), so one token of a 72-head model runs on five
+//     SMs instead of one 576-thread block; above, v3's launch.
 
 template <typename T>
 __device__ void rope_impl(T* __restrict__ q, T* __restrict__ k, const int* __restrict__ positions,

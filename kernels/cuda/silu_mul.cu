@@ -19,6 +19,15 @@
 // v4: no division at all: blockIdx.x is the token and blockIdx.y a run of
 //     blockDim.x vectors of its row, one vector of gate and one of up per
 //     thread (FlashInfer's layout of the work). Vector case only.
+// v5: v4 with silu(g) = g * rcp(1 + 2^(-g*log2 e)) on the special function
+//     unit (__expf, __frcp_rn) instead of IEEE expf and division: about a
+//     fifth of the instructions per element. At 1-8 tokens the kernel is one
+//     load, N silus and one store on a few SMs, so the silu's dependent
+//     instruction count is the time (CHALLENGES #23). __expf's relative error
+//     is about 2^-21.5 + 2^-24 * |g| * log2(e), under 5e-6 for |g| <= 80:
+//     far below a bf16/f16 output's rounding, but f32 storage keeps the IEEE
+//     path (its check allows 1e-5 and should not be spent on this). exp
+//     overflow (g < -88) gives rcp(inf) = 0 and g * 0 = -0, the right limit.
 
 __device__ __forceinline__ float silu_f32(float g) {
     // exp(-g) overflows to inf for g < -88: g / inf = -0, the right limit.
@@ -89,7 +98,11 @@ __device__ void silu_mul_v2_impl(T* __restrict__ out, const T* __restrict__ inpu
     }
 }
 
-template <typename T>
+__device__ __forceinline__ float silu_fast_f32(float g) {
+    return g * __frcp_rn(1.f + __expf(-g));
+}
+
+template <typename T, bool FAST>
 __device__ void silu_mul_v4_impl(T* __restrict__ out, const T* __restrict__ input, int inter) {
     pdl_wait();
     constexpr int N = Vec16<T>::N;
@@ -99,7 +112,11 @@ __device__ void silu_mul_v4_impl(T* __restrict__ out, const T* __restrict__ inpu
     const Vec16<T> g = load16(row + c), u = load16(row + inter + c);
     Vec16<T> o;
 #pragma unroll
-    for (int e = 0; e < N; ++e) o.v[e] = from_f32<T>(silu_f32(to_f32(g.v[e])) * to_f32(u.v[e]));
+    for (int e = 0; e < N; ++e) {
+        const float x = to_f32(g.v[e]);
+        const float si = FAST && sizeof(T) < 4 ? silu_fast_f32(x) : silu_f32(x);
+        o.v[e] = from_f32<T>(si * to_f32(u.v[e]));
+    }
     store16(out + (i64)blockIdx.x * inter + c, o);
 }
 
@@ -124,6 +141,9 @@ __device__ void silu_mul_v4_impl(T* __restrict__ out, const T* __restrict__ inpu
         silu_mul_v2_impl<T, 4, true>(out, input, total, per_row, inter);                     \
     }                                                                                        \
     extern "C" __global__ void silu_mul_v4_##S(T* out, const T* input, int inter) {          \
-        silu_mul_v4_impl<T>(out, input, inter);                                              \
+        silu_mul_v4_impl<T, false>(out, input, inter);                                       \
+    }                                                                                        \
+    extern "C" __global__ void silu_mul_v5_##S(T* out, const T* input, int inter) {          \
+        silu_mul_v4_impl<T, true>(out, input, inter);                                        \
     }
 WB_FOR_EACH_DTYPE(WB_SILU_MUL)

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaView, CudaViewMut};
 const OP: &str = "silu_mul";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5"];
 pub const PRODUCTION: &str = "v1";
 
 /// Threads per block of every variant.
@@ -48,9 +48,10 @@ pub fn silu_mul<T: Storage>(
     let flat_ok = inter % vec == 0
         && (vectors + 4 * THREADS) < u32::MAX as usize
         && all_aligned16(gpu, &[&*out as &dyn KernelArg, input]);
-    // v4's grid.y counts runs of 512 vectors of a row (at most 65535).
+    // v4/v5's grid.y counts runs of 512 vectors of a row (at most 65535).
     let v4_ok = inter % vec == 0 && (inter / vec).div_ceil(512) <= 65535;
-    let launched = if variant == "v1" || !flat_ok || (variant == "v4" && !v4_ok) {
+    let grid_of_rows = variant == "v4" || variant == "v5";
+    let launched = if variant == "v1" || !flat_ok || (grid_of_rows && !v4_ok) {
         let f = typed_function::<T>(gpu, "silu_mul", "silu_mul")?;
         let work = (tokens * inter).div_ceil(vec);
         // Grid-stride loop: enough blocks to fill the card several times over.
@@ -66,8 +67,8 @@ pub fn silu_mul<T: Storage>(
                 .arg(&inter_i)
                 .launch(cfg((blocks, 1, 1), THREADS as u32))
         }
-    } else if variant == "v4" {
-        let f = typed_function::<T>(gpu, "silu_mul", "silu_mul_v4")?;
+    } else if grid_of_rows {
+        let f = typed_function::<T>(gpu, "silu_mul", &format!("silu_mul_{variant}"))?;
         let per_row = inter / vec;
         let threads = per_row.next_multiple_of(32).min(512);
         let grid = (

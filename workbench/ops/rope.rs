@@ -42,7 +42,7 @@ Variant {
 },
 Variant {
     name: "v4",
-    note: "v3 with blocks of at most 128 threads: a token's chunks spread over grid.y when it has more (72 heads: five blocks, not one)",
+    note: "up to 256 tokens, v3 with blocks of at most 128 threads, a token's chunks spread over grid.y (72 heads: five blocks, not one); v3's launch above",
     production: false,
 }];
 

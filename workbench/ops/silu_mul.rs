@@ -43,6 +43,11 @@ const VARIANTS: &[Variant] = &[
         note: "no division: grid (tokens, runs of <= 512 vectors), one vector of gate and up per thread",
         production: false,
     },
+    Variant {
+        name: "v5",
+        note: "v4 with silu on the special function unit (__expf, __frcp_rn): a fifth of the instructions per element",
+        production: false,
+    },
 ];
 
 /// `large`: gates near ±80, where a naive exp(-g) overflows f32, and ups near
