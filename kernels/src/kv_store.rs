@@ -72,68 +72,52 @@ pub fn kv_store<T: Storage>(
         && per_row <= 1024
         && i32::try_from(d.tokens).is_ok()
         && all_aligned16(gpu, &[&*k_cache as &dyn KernelArg, &*v_cache, k, v]);
+    // The variants take the same arguments but for the token count: v1 has
+    // none (one block a token), v2 an i64 (grid-stride loop), v3 an i32.
+    let tokens_i64 = d.tokens as i64;
+    let tokens_i32 = d.tokens as i32;
+    let (name, c) = if v3 {
+        // About 128 threads a block: R tokens of per_row threads each.
+        let rows = (128 / per_row).max(1);
+        let c = LaunchConfig {
+            grid_dim: (grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?, 1, 1),
+            block_dim: (per_row as u32, rows as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        ("kv_store_v3", c)
+    } else if variant != "v2" {
+        // v1, and v3's shapes that need the scalar path.
+        let c = cfg(
+            (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+            threads_for((row as usize).div_ceil(vec), 256),
+        );
+        ("kv_store", c)
+    } else {
+        let work = (d.tokens * row as usize).div_ceil(vec);
+        let blocks = work
+            .div_ceil(256)
+            .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+        ("kv_store_v2", cfg((blocks, 1, 1), 256))
+    };
+    let f = typed_function::<T>(gpu, "kv_store", name)?;
     let stream = gpu.stream();
+    let mut args = stream.launch_builder(&f);
+    args.arg(k_cache)
+        .arg(v_cache)
+        .arg(k)
+        .arg(v)
+        .arg(slot_mapping)
+        .arg(&num_slots);
+    match name {
+        "kv_store_v3" => args.arg(&tokens_i32),
+        "kv_store_v2" => args.arg(&tokens_i64),
+        _ => &mut args,
+    };
+    args.arg(&row);
     // SAFETY: lengths checked above; the kernels skip slots outside
-    // [0, num_slots); v2's grid-stride loop stops at tokens * row.
-    unsafe {
-        if v3 {
-            let f = typed_function::<T>(gpu, "kv_store", "kv_store_v3")?;
-            // About 128 threads a block: R tokens of per_row threads each.
-            let rows = (128 / per_row).max(1);
-            let c = LaunchConfig {
-                grid_dim: (grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?, 1, 1),
-                block_dim: (per_row as u32, rows as u32, 1),
-                shared_mem_bytes: 0,
-            };
-            let tokens = d.tokens as i32;
-            stream
-                .launch_builder(&f)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(k)
-                .arg(v)
-                .arg(slot_mapping)
-                .arg(&num_slots)
-                .arg(&tokens)
-                .arg(&row)
-                .launch(c)
-        } else if variant != "v2" {
-            // v1, and v3's shapes that need the scalar path.
-            let f = typed_function::<T>(gpu, "kv_store", "kv_store")?;
-            stream
-                .launch_builder(&f)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(k)
-                .arg(v)
-                .arg(slot_mapping)
-                .arg(&num_slots)
-                .arg(&row)
-                .launch(cfg(
-                    (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
-                    threads_for((row as usize).div_ceil(vec), 256),
-                ))
-        } else {
-            let f = typed_function::<T>(gpu, "kv_store", "kv_store_v2")?;
-            let work = (d.tokens * row as usize).div_ceil(vec);
-            let blocks = work
-                .div_ceil(256)
-                .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
-            let tokens = d.tokens as i64;
-            stream
-                .launch_builder(&f)
-                .arg(k_cache)
-                .arg(v_cache)
-                .arg(k)
-                .arg(v)
-                .arg(slot_mapping)
-                .arg(&num_slots)
-                .arg(&tokens)
-                .arg(&row)
-                .launch(cfg((blocks, 1, 1), 256))
-        }
-    }
-    .map_err(crate::KernelError::driver(format!(
+    // [0, num_slots); v2's grid-stride loop stops at tokens * row; v3's
+    // threads stop at t >= tokens and cover one row's vectors exactly.
+    unsafe { args.launch(c) }.map_err(crate::KernelError::driver(format!(
         "launch kv_store {variant}"
     )))?;
     Ok(())

@@ -123,86 +123,61 @@ pub fn rope<T: Storage>(
         && (d.head_dim / 2) % vec == 0
         && per_token <= 1024
         && all_aligned16(gpu, &[&*q as &dyn KernelArg, &*k, &table.data]);
+    let (name, c) = if variant == "v1" {
+        let c = cfg(
+            (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
+            threads_for(pairs, 512),
+        );
+        ("rope".to_string(), c)
+    } else if v3 {
+        // v3: about 256 threads a block, R tokens of per_token threads
+        // each. v4 up to 256 tokens: blocks of at most 128 threads, a
+        // token's chunks spread over grid.y when it has more, so few
+        // tokens still reach many SMs; above that, v3's blocks (which
+        // were 2-8% faster there on the H100, 2026-11-26).
+        let (cols, target) = if variant == "v3" || d.tokens > 256 {
+            (per_token, 256)
+        } else {
+            (per_token.min(128), 128)
+        };
+        let rows = (target / cols).max(1);
+        let c = LaunchConfig {
+            grid_dim: (
+                grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?,
+                per_token.div_ceil(cols) as u32,
+                1,
+            ),
+            block_dim: (cols as u32, rows as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        (format!("rope_{variant}"), c)
+    } else {
+        // v2, and v3's shapes that need the scalar path.
+        let work = (d.tokens * pairs).div_ceil(vec);
+        let blocks = work
+            .div_ceil(256)
+            .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+        ("rope_v2".to_string(), cfg((blocks, 1, 1), 256))
+    };
+    let f = typed_function::<T>(gpu, "rope", &name)?;
     let stream = gpu.stream();
+    let mut args = stream.launch_builder(&f);
+    args.arg(q)
+        .arg(k)
+        .arg(positions)
+        .arg(&table.data)
+        .arg(&max_pos);
+    // v1 is one block a token and takes no token count.
+    if name != "rope" {
+        args.arg(&tokens);
+    }
+    args.arg(&q_heads).arg(&kv_heads).arg(&head_dim);
     // SAFETY: q, k and positions have the lengths checked above; positions are
     // range-checked on the device against max_pos before the table is read;
     // v2's grid-stride loop stops at tokens * heads * pairs; v3's threads stop
     // at t >= tokens and cover exactly heads * chunks per token (v4 masks
     // the last column block's overhang).
-    unsafe {
-        if variant == "v1" {
-            let f = typed_function::<T>(gpu, "rope", "rope")?;
-            let c = cfg(
-                (grid_u32(OP, "tokens", d.tokens)?, 1, 1),
-                threads_for(pairs, 512),
-            );
-            stream
-                .launch_builder(&f)
-                .arg(q)
-                .arg(k)
-                .arg(positions)
-                .arg(&table.data)
-                .arg(&max_pos)
-                .arg(&q_heads)
-                .arg(&kv_heads)
-                .arg(&head_dim)
-                .launch(c)
-        } else if v3 {
-            let f = typed_function::<T>(gpu, "rope", &format!("rope_{variant}"))?;
-            // v3: about 256 threads a block, R tokens of per_token threads
-            // each. v4 up to 256 tokens: blocks of at most 128 threads, a
-            // token's chunks spread over grid.y when it has more, so few
-            // tokens still reach many SMs; above that, v3's blocks (which
-            // were 2-8% faster there on the H100, 2026-11-26).
-            let (cols, target) = if variant == "v3" || d.tokens > 256 {
-                (per_token, 256)
-            } else {
-                (per_token.min(128), 128)
-            };
-            let rows = (target / cols).max(1);
-            let c = LaunchConfig {
-                grid_dim: (
-                    grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?,
-                    per_token.div_ceil(cols) as u32,
-                    1,
-                ),
-                block_dim: (cols as u32, rows as u32, 1),
-                shared_mem_bytes: 0,
-            };
-            stream
-                .launch_builder(&f)
-                .arg(q)
-                .arg(k)
-                .arg(positions)
-                .arg(&table.data)
-                .arg(&max_pos)
-                .arg(&tokens)
-                .arg(&q_heads)
-                .arg(&kv_heads)
-                .arg(&head_dim)
-                .launch(c)
-        } else {
-            // v2, and v3's shapes that need the scalar path.
-            let f = typed_function::<T>(gpu, "rope", "rope_v2")?;
-            let work = (d.tokens * pairs).div_ceil(vec);
-            let blocks = work
-                .div_ceil(256)
-                .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
-            stream
-                .launch_builder(&f)
-                .arg(q)
-                .arg(k)
-                .arg(positions)
-                .arg(&table.data)
-                .arg(&max_pos)
-                .arg(&tokens)
-                .arg(&q_heads)
-                .arg(&kv_heads)
-                .arg(&head_dim)
-                .launch(cfg((blocks, 1, 1), 256))
-        }
-    }
-    .map_err(KernelError::driver(format!("launch rope {variant}")))?;
+    unsafe { args.launch(c) }.map_err(KernelError::driver(format!("launch rope {variant}")))?;
     Ok(())
 }
 
