@@ -503,8 +503,6 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
         a.dtype,
         peers.len()
     );
-    let ours = roofline::run(&gpu, &jobs, &c, kernels::timing::TimingOpts::default())?;
-
     let ctx = gpu.context();
     let attr = |x| ctx.attribute(x).unwrap_or(0);
     use kernels::cudarc::driver::sys::CUdevice_attribute as A;
@@ -528,8 +526,22 @@ fn roofline_cmd(a: RooflineArgs) -> Result<ExitCode, Setup> {
             ),
         ),
     ];
-    let record = roofline::RunRecord::new(prov, command, extra, c, ours, peers, missing);
-    record.save(&out.join("run.json"))?;
+    // run.json is rewritten after every case, so a run cut short (a device
+    // time limit) still leaves the cases it finished for `--render`.
+    let run_json = out.join("run.json");
+    let mut record =
+        roofline::RunRecord::new(prov, command, extra, c.clone(), vec![], peers, missing);
+    record.save(&run_json)?;
+    roofline::run(
+        &gpu,
+        &jobs,
+        &c,
+        kernels::timing::TimingOpts::default(),
+        |row| {
+            record.push(row.clone());
+            record.save(&run_json)
+        },
+    )?;
     render_roofline(&record, &out)
 }
 

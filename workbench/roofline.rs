@@ -132,11 +132,13 @@ pub fn emit_cases(jobs: &[Job], l2_bytes: u64, path: &Path) -> anyhow::Result<us
 }
 
 /// Check each job, then time it. A failed check gives a FAIL row, never a time.
+/// `on_row` sees each row as soon as it is measured (the caller saves it).
 pub fn run(
     gpu: &Gpu,
     jobs: &[Job],
     ceilings: &Ceilings,
     opts: TimingOpts,
+    mut on_row: impl FnMut(&PerfRow) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<PerfRow>> {
     let bar = ProgressBar::new(jobs.len() as u64);
     bar.set_style(
@@ -183,6 +185,7 @@ pub fn run(
         } else {
             bar.println(line);
         }
+        on_row(&row)?;
         rows.push(row);
         bar.inc(1);
     }
@@ -231,9 +234,19 @@ impl RunRecord {
         }
     }
 
+    /// One more of our rows, with its spread.
+    pub fn push(&mut self, row: PerfRow) {
+        self.spreads.push(row.spread);
+        self.ours.push(row);
+    }
+
+    /// Written beside `path` and renamed over it, so a run killed mid-write
+    /// leaves the previous record, not half of one.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
-        std::fs::write(path, serde_json::to_string_pretty(self)?)
-            .with_context(|| format!("writing {}", path.display()))
+        let tmp = path.with_extension("json.partial");
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -405,10 +418,12 @@ mod tests {
             "workbench roofline".into(),
             vec![("SM clock (max)".into(), "1980 MHz".into())],
             c,
-            vec![ours, row("ours", "FAIL")],
+            vec![ours],
             vec![row("flashinfer", "1.02")],
             missing,
         );
+        let mut rec = rec;
+        rec.push(row("ours", "FAIL"));
         let dir = std::env::temp_dir().join(format!("wb-run-record-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("run.json");
