@@ -224,3 +224,58 @@ fn e2e_small_run_writes_its_csv_row_and_breakdown() {
     assert!(breakdown.contains("paged_attention") && breakdown.contains("graph replay"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The committed H100 report's run record: beside the sources when cargo
+/// runs the test, in the working directory when the bundle does (GPU host).
+fn committed_run_dir() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reports/h100");
+    if here.join("run.json").exists() {
+        here
+    } else {
+        PathBuf::from("reports/h100")
+    }
+}
+
+/// `roofline --render` rebuilds a run's report from its run.json without a
+/// GPU: the same rows, a markdown that says it was rebuilt, the plots.
+#[test]
+fn roofline_render_rebuilds_the_committed_report() {
+    let src = committed_run_dir();
+    let dir = std::env::temp_dir().join(format!("wb-render-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("run.json"), dir.join("run.json")).unwrap();
+    let o = workbench(&["roofline", "--render", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let sorted = |p: PathBuf| {
+        let mut v: Vec<String> = std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .lines()
+            .map(String::from)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(dir.join("roofline.csv")),
+        sorted(src.join("roofline.csv"))
+    );
+    let md = std::fs::read_to_string(dir.join("roofline.md")).unwrap();
+    assert!(md.contains("report rebuilt from its run.json"), "{md}");
+    for plot in ["roofline.png", "roofline.svg", "bandwidth_rope.png"] {
+        let len = std::fs::metadata(dir.join(plot))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 1000, "{plot}: {len} bytes");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn roofline_render_without_a_run_record_is_a_setup_error() {
+    let dir = std::env::temp_dir().join(format!("wb-render-none-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = workbench(&["roofline", "--render", dir.to_str().unwrap()]);
+    assert_setup_error(&o, "run.json");
+    let _ = std::fs::remove_dir_all(dir);
+}
