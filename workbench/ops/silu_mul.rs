@@ -45,7 +45,7 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         name: "v5",
-        note: "v4 with silu on the special function unit (__expf, __frcp_rn): a fifth of the instructions per element",
+        note: "v4 with silu on the special function unit (__expf, __fdividef) for bf16/f16: 144 straight-line SASS instructions a thread against v4's 368 with 8 calls",
         production: false,
     },
 ];
