@@ -147,6 +147,7 @@ fn run_variant<T: Storage>(gpu: &Gpu, seed: u64, variant: &str) {
                 block_size: bs,
                 num_blocks,
             },
+            kernels::rope_kv_store::PRODUCTION,
         )
         .unwrap();
         let mut out1 = s.clone_htod(&nan).unwrap();

@@ -2,7 +2,8 @@
 //! from its fused q|k|v projection, must be bit-identical to the two kernels
 //! it replaces: `split_qkv_bias` then `rope_kv_store` (itself checked against
 //! the f64 CPU reference by `workbench check rope_kv_store` and the GPU
-//! proptests). Fresh random inputs, caches pre-filled with NaN-free noise,
+//! proptests), and every variant of either must be bit-identical to v1's
+//! split path. Fresh random inputs, caches pre-filled with NaN-free noise,
 //! slots that skip (-1) and positions out of the table's range (NaN rows).
 
 use half::{bf16, f16};
@@ -66,80 +67,89 @@ fn run<T: Storage>(gpu: &Gpu, seed: u64) {
         let pos_d = s.clone_htod(&positions).unwrap();
         let slot_d = s.clone_htod(&slots).unwrap();
 
-        // Fused.
-        let mut q1 = s.clone_htod(&rnd_nan::<T>(t * qd)).unwrap();
-        let (mut k1, mut v1) = (
-            s.clone_htod(&cache0).unwrap(),
-            s.clone_htod(&cache0).unwrap(),
-        );
-        kernels::rope_kv_store::qkv_rope_kv_store(
-            gpu,
-            QkvRopeKvStoreArgs {
-                q_out: &mut q1.slice_mut(..),
-                qkv: &qkv_d.slice(..),
-                bias: &bias_d.slice(..),
-                k_cache: &mut k1.slice_mut(..),
-                v_cache: &mut v1.slice_mut(..),
-                positions: &pos_d.slice(..),
-                slot_mapping: &slot_d.slice(..),
-            },
-            &table,
-            dims,
-        )
-        .unwrap();
+        // Fused, from the q|k|v projection: (q_out, k_cache, v_cache).
+        let fused = |variant: &str| {
+            let mut q1 = s.clone_htod(&rnd_nan::<T>(t * qd)).unwrap();
+            let (mut k1, mut v1) = (
+                s.clone_htod(&cache0).unwrap(),
+                s.clone_htod(&cache0).unwrap(),
+            );
+            kernels::rope_kv_store::qkv_rope_kv_store(
+                gpu,
+                QkvRopeKvStoreArgs {
+                    q_out: &mut q1.slice_mut(..),
+                    qkv: &qkv_d.slice(..),
+                    bias: &bias_d.slice(..),
+                    k_cache: &mut k1.slice_mut(..),
+                    v_cache: &mut v1.slice_mut(..),
+                    positions: &pos_d.slice(..),
+                    slot_mapping: &slot_d.slice(..),
+                },
+                &table,
+                dims,
+                variant,
+            )
+            .unwrap();
+            [q1, k1, v1].map(|b| s.clone_dtoh(&b).unwrap())
+        };
 
         // Split, then rope_kv_store.
-        let mut q2 = s.alloc_zeros::<T>(t * qd).unwrap();
-        let mut k = s.alloc_zeros::<T>(t * kd).unwrap();
-        let mut v = s.alloc_zeros::<T>(t * kd).unwrap();
-        kernels::util::split_qkv_bias(
-            gpu,
-            &mut q2.slice_mut(..),
-            &mut k.slice_mut(..),
-            &mut v.slice_mut(..),
-            &qkv_d.slice(..),
-            &bias_d.slice(..),
-            t,
-            qd,
-            kd,
-        )
-        .unwrap();
-        let (mut k2, mut v2) = (
-            s.clone_htod(&cache0).unwrap(),
-            s.clone_htod(&cache0).unwrap(),
-        );
-        kernels::rope_kv_store::rope_kv_store(
-            gpu,
-            RopeKvStoreArgs {
-                q: &mut q2.slice_mut(..),
-                k: &k.slice(..),
-                v: &v.slice(..),
-                k_cache: &mut k2.slice_mut(..),
-                v_cache: &mut v2.slice_mut(..),
-                positions: &pos_d.slice(..),
-                slot_mapping: &slot_d.slice(..),
-            },
-            &table,
-            dims,
-        )
-        .unwrap();
+        let split = |variant: &str| {
+            let mut q2 = s.alloc_zeros::<T>(t * qd).unwrap();
+            let mut k = s.alloc_zeros::<T>(t * kd).unwrap();
+            let mut v = s.alloc_zeros::<T>(t * kd).unwrap();
+            kernels::util::split_qkv_bias(
+                gpu,
+                &mut q2.slice_mut(..),
+                &mut k.slice_mut(..),
+                &mut v.slice_mut(..),
+                &qkv_d.slice(..),
+                &bias_d.slice(..),
+                t,
+                qd,
+                kd,
+            )
+            .unwrap();
+            let (mut k2, mut v2) = (
+                s.clone_htod(&cache0).unwrap(),
+                s.clone_htod(&cache0).unwrap(),
+            );
+            kernels::rope_kv_store::rope_kv_store(
+                gpu,
+                RopeKvStoreArgs {
+                    q: &mut q2.slice_mut(..),
+                    k: &k.slice(..),
+                    v: &v.slice(..),
+                    k_cache: &mut k2.slice_mut(..),
+                    v_cache: &mut v2.slice_mut(..),
+                    positions: &pos_d.slice(..),
+                    slot_mapping: &slot_d.slice(..),
+                },
+                &table,
+                dims,
+                variant,
+            )
+            .unwrap();
+            [q2, k2, v2].map(|b| s.clone_dtoh(&b).unwrap())
+        };
 
-        let what = format!("{} t={t} heads={qh}/{kvh} d={d}", T::DTYPE);
-        let (q1h, q2h) = (s.clone_dtoh(&q1).unwrap(), s.clone_dtoh(&q2).unwrap());
-        assert_eq!(bits(&q1h), bits(&q2h), "q_out differs: {what}");
-        assert_eq!(
-            bits(&s.clone_dtoh(&k1).unwrap()),
-            bits(&s.clone_dtoh(&k2).unwrap()),
-            "k_cache differs: {what}"
-        );
-        let (v1h, v2h) = (s.clone_dtoh(&v1).unwrap(), s.clone_dtoh(&v2).unwrap());
-        assert_eq!(bits(&v1h), bits(&v2h), "v_cache differs: {what}");
+        let [q2h, k2h, v2h] = split("v1");
+        for variant in kernels::rope_kv_store::VARIANTS {
+            for (path, [q1h, k1h, v1h]) in [("fused", fused(variant)), ("split", split(variant))] {
+                let what = format!("{path} {variant} {} t={t} heads={qh}/{kvh} d={d}", T::DTYPE);
+                assert_eq!(bits(&q1h), bits(&q2h), "q differs: {what}");
+                assert_eq!(bits(&k1h), bits(&k2h), "k_cache differs: {what}");
+                assert_eq!(bits(&v1h), bits(&v2h), "v_cache differs: {what}");
+            }
+        }
         // Not vacuous: the caches changed where slots point, and a bad
         // position gives NaN q while a good one gives a finite q.
-        assert_ne!(bits(&v1h), bits(&cache0), "v_cache unchanged: {what}");
+        let what = format!("{} t={t} heads={qh}/{kvh} d={d}", T::DTYPE);
+        assert_ne!(bits(&v2h), bits(&cache0), "v_cache unchanged: {what}");
+        assert_ne!(bits(&k2h), bits(&cache0), "k_cache unchanged: {what}");
         if t > 2 {
-            assert!(q1h[2 * qd].to_f64().is_nan(), "{what}");
-            assert!(q1h[..qd].iter().all(|x| x.to_f64().is_finite()), "{what}");
+            assert!(q2h[2 * qd].to_f64().is_nan(), "{what}");
+            assert!(q2h[..qd].iter().all(|x| x.to_f64().is_finite()), "{what}");
         }
     }
 }

@@ -116,6 +116,7 @@ mod tests {
         assert_eq!(prod("rope"), kernels::rope::PRODUCTION);
         assert_eq!(prod("kv_store"), kernels::kv_store::PRODUCTION);
         assert_eq!(prod("silu_mul"), kernels::silu_mul::PRODUCTION);
+        assert_eq!(prod("rope_kv_store"), kernels::rope_kv_store::PRODUCTION);
         assert_eq!(
             prod("paged_attention"),
             kernels::paged_attention::PRODUCTION

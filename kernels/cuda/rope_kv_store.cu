@@ -17,6 +17,13 @@
 // 16/sizeof(T) rotation pairs) with 16-byte loads of both halves and float4
 // cos/sin, then (token, 16-byte vector of v). A scalar loop covers head dims
 // whose half is not a multiple of the vector width.
+// v2: no loop and no 64-bit division (v1's loops compile to 16 slow-path
+// calls, kernels/tools/sass_stats.py): a token's work is heads * chunks
+// rotation chunks, then kv_row / N vectors of v, one per thread; blocks of
+// (columns, R tokens) with the columns split over grid.y when they are many
+// (rope.cu v3/v4's launch). The position, slot and data loads are all issued
+// before any of them is needed. Vector case only (the launcher sends the
+// others to v1); the same roundings as v1, so the results are bit-identical.
 
 // rotate_chunk and add_bias16 live in common.cuh: the fused decode attention
 // (paged_attention.cu, v3f) applies the same roundings.
@@ -135,6 +142,58 @@ __device__ void rope_kv_store_impl(T* q_dst, const T* q_src, i64 q_row,
     }
 }
 
+template <typename T>
+__device__ void rope_kv_store_v2_impl(T* q_dst, const T* q_src, i64 q_row,
+                                      const T* __restrict__ k, const T* __restrict__ v, i64 kv_src_row,
+                                      const T* q_bias, const T* k_bias, const T* v_bias,
+                                      T* __restrict__ k_cache, T* __restrict__ v_cache,
+                                      const int* __restrict__ positions,
+                                      const float* __restrict__ cos_sin,
+                                      const i64* __restrict__ slot_mapping, int max_positions,
+                                      i64 num_slots, int tokens, int q_heads, int kv_heads,
+                                      int head_dim) {
+    constexpr int N = Vec16<T>::N;
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= tokens) return;
+    const int half = head_dim / 2;
+    const int chunks = half / N;
+    const int rot = (q_heads + kv_heads) * chunks;   // rotation chunks of q and k
+    const int kv_row = kv_heads * head_dim;
+    const int w = blockIdx.y * blockDim.x + threadIdx.x;
+    if (w >= rot + kv_row / N) return;
+    const i64 slot = slot_mapping[t];
+    const bool store = slot >= 0 && slot < num_slots;
+    if (w < rot) {
+        const int h = w / chunks;
+        const int i = (w - h * chunks) * N;
+        const bool is_q = h < q_heads;
+        const int kh = h - q_heads;
+        const T* x = is_q ? q_src + (i64)t * q_row + h * head_dim
+                          : k + (i64)t * kv_src_row + kh * head_dim;
+        const T* b = is_q ? (q_bias == nullptr ? nullptr : q_bias + h * head_dim)
+                          : (k_bias == nullptr ? nullptr : k_bias + kh * head_dim);
+        const int pos = positions[t];
+        Vec16<T> a = add_bias16(load16(x + i), b == nullptr ? nullptr : b + i);
+        Vec16<T> bb = add_bias16(load16(x + half + i), b == nullptr ? nullptr : b + half + i);
+        const bool valid = pos >= 0 && pos < max_positions;
+        rotate_chunk(a, bb, cos_sin + (i64)(valid ? pos : 0) * head_dim, i, half, valid);
+        T* dst;
+        if (is_q) {
+            dst = q_dst + ((i64)t * q_heads + h) * head_dim;
+        } else {
+            if (!store) return;
+            dst = k_cache + slot * kv_row + kh * head_dim;
+        }
+        store16(dst + i, a);
+        store16(dst + half + i, bb);
+    } else {
+        const int j = (w - rot) * N;
+        const Vec16<T> x =
+            add_bias16(load16(v + (i64)t * kv_src_row + j), v_bias == nullptr ? nullptr : v_bias + j);
+        if (store) store16(v_cache + slot * kv_row + j, x);
+    }
+}
+
 #define WB_ROPE_KV_STORE(T, S)                                                                   \
     extern "C" __global__ void rope_kv_store_##S(                                                \
         T* q, const T* k, const T* v, T* k_cache, T* v_cache, const int* positions,              \
@@ -144,6 +203,15 @@ __device__ void rope_kv_store_impl(T* q_dst, const T* q_src, i64 q_row,
                               nullptr, nullptr, nullptr, k_cache, v_cache, positions, cos_sin,   \
                               slot_mapping, max_positions, num_slots, tokens, q_heads, kv_heads, \
                               head_dim);                                                         \
+    }                                                                                            \
+    extern "C" __global__ void rope_kv_store_v2_##S(                                             \
+        T* q, const T* k, const T* v, T* k_cache, T* v_cache, const int* positions,              \
+        const float* cos_sin, const i64* slot_mapping, int max_positions, i64 num_slots,         \
+        int tokens, int q_heads, int kv_heads, int head_dim) {                                   \
+        rope_kv_store_v2_impl<T>(q, q, (i64)q_heads * head_dim, k, v, (i64)kv_heads * head_dim,  \
+                                 nullptr, nullptr, nullptr, k_cache, v_cache, positions,         \
+                                 cos_sin, slot_mapping, max_positions, num_slots, tokens,        \
+                                 q_heads, kv_heads, head_dim);                                   \
     }
 WB_FOR_EACH_DTYPE(WB_ROPE_KV_STORE)
 
@@ -162,5 +230,16 @@ WB_FOR_EACH_DTYPE(WB_ROPE_KV_STORE)
         rope_kv_store_impl<T>(q_out, qkv, row, qkv + qd, qkv + qd + kd, row, bias, bias + qd,    \
                               bias + qd + kd, k_cache, v_cache, positions, cos_sin, slot_mapping, \
                               max_positions, num_slots, tokens, q_heads, kv_heads, head_dim);    \
+    }                                                                                            \
+    extern "C" __global__ void qkv_rope_kv_store_v2_##S(                                         \
+        T* q_out, const T* qkv, const T* bias, T* k_cache, T* v_cache, const int* positions,     \
+        const float* cos_sin, const i64* slot_mapping, int max_positions, i64 num_slots,         \
+        int tokens, int q_heads, int kv_heads, int head_dim) {                                   \
+        const int qd = q_heads * head_dim, kd = kv_heads * head_dim;                             \
+        const i64 row = (i64)qd + 2 * kd;                                                        \
+        rope_kv_store_v2_impl<T>(q_out, qkv, row, qkv + qd, qkv + qd + kd, row, bias,            \
+                                 bias + qd, bias + qd + kd, k_cache, v_cache, positions,         \
+                                 cos_sin, slot_mapping, max_positions, num_slots, tokens,        \
+                                 q_heads, kv_heads, head_dim);                                   \
     }
 WB_FOR_EACH_DTYPE(WB_QKV_ROPE_KV_STORE)

@@ -4,11 +4,15 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
-use crate::launch::{cfg, typed_function};
+use crate::launch::{all_aligned16, cfg, grid_u32, typed_function, KernelArg};
 use crate::rope::RopeTable;
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 const OP: &str = "rope_kv_store";
+
+/// The variants, oldest first; the engine uses [`PRODUCTION`].
+pub const VARIANTS: &[&str] = &["v1", "v2"];
+pub const PRODUCTION: &str = "v1";
 
 #[derive(Clone, Copy, Debug)]
 pub struct RopeKvStoreDims {
@@ -43,10 +47,14 @@ struct Launch {
     tokens: i32,
     max_pos: i32,
     num_slots: i64,
-    blocks: u32,
+    /// The kernel's base name with its variant suffix, and its launch shape.
+    name: &'static str,
+    config: LaunchConfig,
 }
 
 impl Launch {
+    /// `v2_buffers`: the data buffers v2 reads and writes with 16-byte
+    /// vectors (all must be aligned, else v1 runs).
     #[allow(clippy::too_many_arguments)]
     fn prepare<T: Storage>(
         op: &'static str,
@@ -57,7 +65,15 @@ impl Launch {
         v_cache: &CudaViewMut<T>,
         positions: &CudaView<i32>,
         slot_mapping: &CudaView<i64>,
+        variant: &str,
+        v2_buffers: &[&dyn KernelArg],
     ) -> Result<Option<Self>> {
+        if !VARIANTS.contains(&variant) {
+            return Err(KernelError::Unsupported {
+                op,
+                what: format!("variant `{variant}` (known: {})", VARIANTS.join(", ")),
+            });
+        }
         if table.head_dim != d.head_dim {
             return Err(KernelError::shape(
                 op,
@@ -91,10 +107,41 @@ impl Launch {
         let tokens = i32::try_from(d.tokens)
             .map_err(|_| KernelError::shape(op, "tokens", "<= 2^31 - 1", d.tokens))?;
         let vec = 16 / std::mem::size_of::<T>();
-        let work = (d.tokens * (d.q_heads + 2 * d.kv_heads) * d.head_dim / 2).div_ceil(vec);
-        let blocks = work
-            .div_ceil(256)
-            .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+        // v2: one thread per rotation chunk of q and k, then per v vector.
+        let per_token =
+            (d.q_heads + d.kv_heads) * (d.head_dim / 2 / vec) + d.kv_heads * d.head_dim / vec;
+        let v2 = variant == "v2"
+            && (d.head_dim / 2) % vec == 0
+            && per_token <= 1024
+            && all_aligned16(gpu, v2_buffers)
+            && all_aligned16(gpu, &[&table.data as &dyn KernelArg, k_cache, v_cache]);
+        let (name, config) = if v2 {
+            // rope.cu v4's launch: up to 256 tokens, blocks of at most 128
+            // threads with a token's columns over grid.y; above, a token's
+            // columns in one block, R tokens a block.
+            let (cols, target) = if d.tokens > 256 {
+                (per_token, 256)
+            } else {
+                (per_token.min(128), 128)
+            };
+            let rows = (target / cols).max(1);
+            let c = LaunchConfig {
+                grid_dim: (
+                    grid_u32(op, "tokens", d.tokens.div_ceil(rows))?,
+                    per_token.div_ceil(cols) as u32,
+                    1,
+                ),
+                block_dim: (cols as u32, rows as u32, 1),
+                shared_mem_bytes: 0,
+            };
+            ("v2", c)
+        } else {
+            let work = (d.tokens * (d.q_heads + 2 * d.kv_heads) * d.head_dim / 2).div_ceil(vec);
+            let blocks = work
+                .div_ceil(256)
+                .clamp(1, gpu.info().sm_count.max(1) as usize * 16) as u32;
+            ("v1", cfg((blocks, 1, 1), 256))
+        };
         Ok(Some(Self {
             q_heads,
             kv_heads,
@@ -102,7 +149,8 @@ impl Launch {
             tokens,
             max_pos: table.max_positions as i32,
             num_slots: (d.num_blocks * d.block_size) as i64,
-            blocks,
+            name,
+            config,
         }))
     }
 }
@@ -114,6 +162,7 @@ pub fn rope_kv_store<T: Storage>(
     a: RopeKvStoreArgs<'_, '_, T>,
     table: &RopeTable,
     d: RopeKvStoreDims,
+    variant: &str,
 ) -> Result<()> {
     let kv = d.tokens * d.kv_heads * d.head_dim;
     check_len(
@@ -133,11 +182,18 @@ pub fn rope_kv_store<T: Storage>(
         a.v_cache,
         a.positions,
         a.slot_mapping,
+        variant,
+        &[&*a.q, a.k, a.v],
     )?
     else {
         return Ok(());
     };
-    let f = typed_function::<T>(gpu, "rope_kv_store", "rope_kv_store")?;
+    let name = if l.name == "v2" {
+        "rope_kv_store_v2"
+    } else {
+        "rope_kv_store"
+    };
+    let f = typed_function::<T>(gpu, "rope_kv_store", name)?;
     let Launch {
         q_heads,
         kv_heads,
@@ -145,7 +201,8 @@ pub fn rope_kv_store<T: Storage>(
         tokens,
         max_pos,
         num_slots,
-        blocks,
+        config,
+        ..
     } = l;
     // SAFETY: every buffer length is checked above; positions are range-checked
     // on the device before the table is read and slots outside [0, num_slots)
@@ -167,7 +224,7 @@ pub fn rope_kv_store<T: Storage>(
             .arg(&q_heads)
             .arg(&kv_heads)
             .arg(&head_dim)
-            .launch(cfg((blocks, 1, 1), 256))
+            .launch(config)
     }
     .map_err(KernelError::driver("launch rope_kv_store"))?;
     Ok(())
@@ -197,6 +254,7 @@ pub fn qkv_rope_kv_store<T: Storage>(
     a: QkvRopeKvStoreArgs<'_, '_, T>,
     table: &RopeTable,
     d: RopeKvStoreDims,
+    variant: &str,
 ) -> Result<()> {
     const OP: &str = "qkv_rope_kv_store";
     let row = (d.q_heads + 2 * d.kv_heads) * d.head_dim;
@@ -227,11 +285,18 @@ pub fn qkv_rope_kv_store<T: Storage>(
         a.v_cache,
         a.positions,
         a.slot_mapping,
+        variant,
+        &[&*a.q_out, a.qkv, a.bias],
     )?
     else {
         return Ok(());
     };
-    let f = typed_function::<T>(gpu, "rope_kv_store", "qkv_rope_kv_store")?;
+    let name = if l.name == "v2" {
+        "qkv_rope_kv_store_v2"
+    } else {
+        "qkv_rope_kv_store"
+    };
+    let f = typed_function::<T>(gpu, "rope_kv_store", name)?;
     let Launch {
         q_heads,
         kv_heads,
@@ -239,7 +304,8 @@ pub fn qkv_rope_kv_store<T: Storage>(
         tokens,
         max_pos,
         num_slots,
-        blocks,
+        config,
+        ..
     } = l;
     // SAFETY: every buffer length is checked above (qkv rows of q|k|v, the
     // bias row, q_out, the caches); positions are range-checked on the
@@ -262,7 +328,7 @@ pub fn qkv_rope_kv_store<T: Storage>(
             .arg(&q_heads)
             .arg(&kv_heads)
             .arg(&head_dim)
-            .launch(cfg((blocks, 1, 1), 256))
+            .launch(config)
     }
     .map_err(KernelError::driver("launch qkv_rope_kv_store"))?;
     Ok(())

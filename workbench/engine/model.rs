@@ -1072,6 +1072,7 @@ where
                         block_size: BLOCK_SIZE,
                         num_blocks,
                     },
+                    kernels::rope_kv_store::PRODUCTION,
                 )?;
             }
             let pad = PagedAttentionDims {

@@ -12,8 +12,8 @@ use crate::gen::{self, Gen};
 use crate::guard::Guarded;
 use crate::op::par_rows;
 use crate::op::{
-    finish, rand_buf, rounded_once, to_storage, upload, Bench, Expect, Op, RunError, Sabotage,
-    Stored, Variant,
+    finish, rand_buf, rounded_once, static_variant, to_storage, upload, Bench, Expect, Op,
+    RunError, Sabotage, Stored, Variant,
 };
 use crate::shapes::{self, flat, view3};
 use cudarc::driver::CudaSlice;
@@ -27,11 +27,18 @@ use rand::Rng;
 
 pub struct RopeKvStore;
 
-const VARIANTS: &[Variant] = &[Variant {
-    name: "v1",
-    note: "one launch: 16-byte rotations of q and k (k straight into the cache) and v copy, grid-stride",
-    production: true,
-}];
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "v1",
+        note: "one launch: 16-byte rotations of q and k (k straight into the cache) and v copy, grid-stride",
+        production: true,
+    },
+    Variant {
+        name: "v2",
+        note: "no loop and no 64-bit division (v1: 16 slow-path calls): one rotation chunk or v vector a thread, rope v4's launch; bit-identical to v1",
+        production: false,
+    },
+];
 
 const LARGE: f64 = 3.0e4;
 
@@ -216,7 +223,7 @@ impl Op for RopeKvStore {
         sets: usize,
     ) -> Result<Box<dyn Bench>, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets))
+        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
     }
 
     fn run(
@@ -228,7 +235,10 @@ impl Op for RopeKvStore {
         sabotage: Sabotage,
     ) -> Result<Metrics, RunError> {
         self.require_variant(variant)?;
-        by_dtype!(dtype, run_t(gpu, case, sabotage, self.tolerance(dtype)))
+        by_dtype!(
+            dtype,
+            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+        )
     }
 }
 
@@ -237,6 +247,7 @@ fn run_t<T: Stored>(
     case: &Case,
     sabotage: Sabotage,
     tol: Tolerance,
+    variant: &str,
 ) -> Result<Metrics, RunError> {
     let p = params(case)?;
     let (g, mut rng) = gen::from_case(case)?;
@@ -329,7 +340,7 @@ fn run_t<T: Stored>(
             positions: &gpos.view(rows),
             slot_mapping: &gslots.view(rows),
         };
-        kernels::rope_kv_store::rope_kv_store(gpu, args, &table, dims)?;
+        kernels::rope_kv_store::rope_kv_store(gpu, args, &table, dims, variant)?;
     }
     let cshape = vec![nb, p.block_size, kh, d];
     let outputs = vec![
@@ -362,6 +373,7 @@ struct RkBench<T> {
     sets: Vec<RkSet<T>>,
     table: RopeTable,
     d: RopeKvStoreDims,
+    variant: &'static str,
 }
 
 impl<T: Stored> Bench for RkBench<T> {
@@ -382,11 +394,16 @@ impl<T: Stored> Bench for RkBench<T> {
             positions: &pos.slice(0..d.tokens),
             slot_mapping: &slots.slice(0..d.tokens),
         };
-        kernels::rope_kv_store::rope_kv_store(gpu, args, &self.table, d)
+        kernels::rope_kv_store::rope_kv_store(gpu, args, &self.table, d, self.variant)
     }
 }
 
-fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Bench>, RunError> {
+fn bench_t<T: Stored>(
+    gpu: &Gpu,
+    case: &Case,
+    sets: usize,
+    variant: &str,
+) -> Result<Box<dyn Bench>, RunError> {
     use rand::SeedableRng;
     let p = params(case)?;
     let mut rng = SmallRng::seed_from_u64(29);
@@ -432,5 +449,6 @@ fn bench_t<T: Stored>(gpu: &Gpu, case: &Case, sets: usize) -> Result<Box<dyn Ben
         sets,
         table: RopeTable::new(gpu, p.max_pos, p.head_dim, p.theta)?,
         d,
+        variant: static_variant(variant),
     }))
 }
