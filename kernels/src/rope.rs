@@ -4,8 +4,11 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
-use crate::launch::{all_aligned16, cfg, grid_u32, threads_for, typed_function, KernelArg};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use crate::launch::{
+    all_aligned16, cfg, grid_u32, threads_for, token_columns, typed_function, KernelArg,
+    SPLIT_TOKENS,
+};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 const OP: &str = "rope";
 
@@ -131,25 +134,10 @@ pub fn rope<T: Storage>(
         ("rope".to_string(), c)
     } else if v3 {
         // v3: about 256 threads a block, R tokens of per_token threads
-        // each. v4 up to 256 tokens: blocks of at most 128 threads, a
-        // token's chunks spread over grid.y when it has more, so few
-        // tokens still reach many SMs; above that, v3's blocks (which
-        // were 2-8% faster there on the H100, 2026-11-26).
-        let (cols, target) = if variant == "v3" || d.tokens > 256 {
-            (per_token, 256)
-        } else {
-            (per_token.min(128), 128)
-        };
-        let rows = (target / cols).max(1);
-        let c = LaunchConfig {
-            grid_dim: (
-                grid_u32(OP, "tokens", d.tokens.div_ceil(rows))?,
-                per_token.div_ceil(cols) as u32,
-                1,
-            ),
-            block_dim: (cols as u32, rows as u32, 1),
-            shared_mem_bytes: 0,
-        };
+        // each. v4 up to SPLIT_TOKENS: blocks of at most 128 threads, a
+        // token's chunks spread over grid.y when it has more; above, v3's.
+        let split = variant == "v4" && d.tokens <= SPLIT_TOKENS;
+        let c = token_columns(OP, d.tokens, per_token, split)?;
         (format!("rope_{variant}"), c)
     } else {
         // v2, and v3's shapes that need the scalar path.

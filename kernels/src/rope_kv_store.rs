@@ -4,7 +4,7 @@
 use crate::device::Gpu;
 use crate::dtype::Storage;
 use crate::error::{check_len, dim_i32, KernelError, Result};
-use crate::launch::{all_aligned16, cfg, grid_u32, typed_function, KernelArg};
+use crate::launch::{all_aligned16, cfg, token_columns, typed_function, KernelArg, SPLIT_TOKENS};
 use crate::rope::RopeTable;
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
@@ -116,25 +116,9 @@ impl Launch {
             && all_aligned16(gpu, v2_buffers)
             && all_aligned16(gpu, &[&table.data as &dyn KernelArg, k_cache, v_cache]);
         let (name, config) = if v2 {
-            // rope.cu v4's launch: up to 256 tokens, blocks of at most 128
-            // threads with a token's columns over grid.y; above, a token's
-            // columns in one block, R tokens a block.
-            let (cols, target) = if d.tokens > 256 {
-                (per_token, 256)
-            } else {
-                (per_token.min(128), 128)
-            };
-            let rows = (target / cols).max(1);
-            let c = LaunchConfig {
-                grid_dim: (
-                    grid_u32(op, "tokens", d.tokens.div_ceil(rows))?,
-                    per_token.div_ceil(cols) as u32,
-                    1,
-                ),
-                block_dim: (cols as u32, rows as u32, 1),
-                shared_mem_bytes: 0,
-            };
-            ("v2", c)
+            // rope.cu v4's launch.
+            let split = d.tokens <= SPLIT_TOKENS;
+            ("v2", token_columns(op, d.tokens, per_token, split)?)
         } else {
             let work = (d.tokens * (d.q_heads + 2 * d.kv_heads) * d.head_dim / 2).div_ceil(vec);
             let blocks = work
