@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 use kernels::paged_attention::{FusedQkv, PagedAttentionDims};
 use kernels::rope::RopeTable;
-use kernels::rope_kv_store::{QkvRopeKvStoreArgs, RopeKvStoreDims};
+use kernels::rope_kv_store::RopeKvStoreDims;
 use kernels::{Gpu, Storage};
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -122,34 +122,25 @@ fn run_variant<T: Storage>(gpu: &Gpu, seed: u64, variant: &str) {
         let nan = vec![T::from_f64(f64::NAN); batch * qd];
 
         // The pair: qkv_rope_kv_store, then v3.
-        let (mut k1, mut v1) = (
-            s.clone_htod(&cache0).unwrap(),
-            s.clone_htod(&cache0).unwrap(),
-        );
-        let mut q = s.clone_htod(&nan).unwrap();
-        kernels::rope_kv_store::qkv_rope_kv_store(
+        let dims = RopeKvStoreDims {
+            tokens: batch,
+            q_heads: qh,
+            kv_heads: kvh,
+            head_dim: d,
+            block_size: bs,
+            num_blocks,
+        };
+        let [q, k1, v1] = common::qkv_rope_kv_store_fresh(
             gpu,
-            QkvRopeKvStoreArgs {
-                q_out: &mut q.slice_mut(..),
-                qkv: &qkv_d.slice(..),
-                bias: &bias_d.slice(..),
-                k_cache: &mut k1.slice_mut(..),
-                v_cache: &mut v1.slice_mut(..),
-                positions: &pos_d.slice(..),
-                slot_mapping: &slot_d.slice(..),
-            },
+            &qkv_d,
+            &bias_d,
+            &cache0,
+            &pos_d,
+            &slot_d,
             &table,
-            RopeKvStoreDims {
-                tokens: batch,
-                q_heads: qh,
-                kv_heads: kvh,
-                head_dim: d,
-                block_size: bs,
-                num_blocks,
-            },
+            dims,
             kernels::rope_kv_store::PRODUCTION,
-        )
-        .unwrap();
+        );
         let mut out1 = s.clone_htod(&nan).unwrap();
         kernels::paged_attention::paged_attention(
             gpu,

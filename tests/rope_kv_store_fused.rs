@@ -8,7 +8,7 @@
 
 use half::{bf16, f16};
 use kernels::rope::RopeTable;
-use kernels::rope_kv_store::{QkvRopeKvStoreArgs, RopeKvStoreArgs, RopeKvStoreDims};
+use kernels::rope_kv_store::{RopeKvStoreArgs, RopeKvStoreDims};
 use kernels::{Gpu, Storage};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -69,28 +69,10 @@ fn run<T: Storage>(gpu: &Gpu, seed: u64) {
 
         // Fused, from the q|k|v projection: (q_out, k_cache, v_cache).
         let fused = |variant: &str| {
-            let mut q1 = s.clone_htod(&rnd_nan::<T>(t * qd)).unwrap();
-            let (mut k1, mut v1) = (
-                s.clone_htod(&cache0).unwrap(),
-                s.clone_htod(&cache0).unwrap(),
-            );
-            kernels::rope_kv_store::qkv_rope_kv_store(
-                gpu,
-                QkvRopeKvStoreArgs {
-                    q_out: &mut q1.slice_mut(..),
-                    qkv: &qkv_d.slice(..),
-                    bias: &bias_d.slice(..),
-                    k_cache: &mut k1.slice_mut(..),
-                    v_cache: &mut v1.slice_mut(..),
-                    positions: &pos_d.slice(..),
-                    slot_mapping: &slot_d.slice(..),
-                },
-                &table,
-                dims,
-                variant,
+            common::qkv_rope_kv_store_fresh(
+                gpu, &qkv_d, &bias_d, &cache0, &pos_d, &slot_d, &table, dims, variant,
             )
-            .unwrap();
-            [q1, k1, v1].map(|b| s.clone_dtoh(&b).unwrap())
+            .map(|b| s.clone_dtoh(&b).unwrap())
         };
 
         // Split, then rope_kv_store.
@@ -152,11 +134,6 @@ fn run<T: Storage>(gpu: &Gpu, seed: u64) {
             assert!(q2h[..qd].iter().all(|x| x.to_f64().is_finite()), "{what}");
         }
     }
-}
-
-/// A q_out pre-filled with NaN: every element must be written.
-fn rnd_nan<T: Storage>(n: usize) -> Vec<T> {
-    vec![T::from_f64(f64::NAN); n]
 }
 
 #[test]

@@ -183,3 +183,46 @@ pub fn small_05b_model(gpu: &Gpu) -> workbench::engine::model::GpuModel<half::bf
     GpuModel::<half::bf16>::build(gpu, &cfg, WeightSource::Random { seed: 7 }, limits)
         .expect("random model")
 }
+
+/// `qkv_rope_kv_store` into fresh buffers: q_out pre-filled with NaN (so
+/// every element must be written), both caches starting as `cache0`.
+/// Returns [q_out, k_cache, v_cache] on the device.
+#[allow(dead_code)] // used by the fused-kernel tests only
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_kv_store_fresh<T: kernels::Storage>(
+    gpu: &Gpu,
+    qkv: &cudarc::driver::CudaSlice<T>,
+    bias: &cudarc::driver::CudaSlice<T>,
+    cache0: &[T],
+    positions: &cudarc::driver::CudaSlice<i32>,
+    slots: &cudarc::driver::CudaSlice<i64>,
+    table: &kernels::rope::RopeTable,
+    dims: kernels::rope_kv_store::RopeKvStoreDims,
+    variant: &str,
+) -> [cudarc::driver::CudaSlice<T>; 3] {
+    let s = gpu.stream();
+    let mut q = s
+        .clone_htod(&vec![
+            T::from_f64(f64::NAN);
+            dims.tokens * dims.q_heads * dims.head_dim
+        ])
+        .unwrap();
+    let (mut k, mut v) = (s.clone_htod(cache0).unwrap(), s.clone_htod(cache0).unwrap());
+    kernels::rope_kv_store::qkv_rope_kv_store(
+        gpu,
+        kernels::rope_kv_store::QkvRopeKvStoreArgs {
+            q_out: &mut q.slice_mut(..),
+            qkv: &qkv.slice(..),
+            bias: &bias.slice(..),
+            k_cache: &mut k.slice_mut(..),
+            v_cache: &mut v.slice_mut(..),
+            positions: &positions.slice(..),
+            slot_mapping: &slots.slice(..),
+        },
+        table,
+        dims,
+        variant,
+    )
+    .unwrap();
+    [q, k, v]
+}
