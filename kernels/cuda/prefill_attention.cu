@@ -1,5 +1,5 @@
 // prefill_attention.cu: causal prefill attention of packed variable-length
-// sequences over the paged KV cache, on tensor cores (variant v1).
+// sequences over the paged KV cache, on tensor cores (variants v1 and v2).
 //
 // q   [total_q, q_heads, head_dim]   new tokens of all sequences, packed;
 //                                    sequence b owns rows cu_seqlens_q[b]..cu_seqlens_q[b+1]
@@ -60,6 +60,16 @@
 //   bad_s [2][BN] int        1 where the token's block id is out of range
 // D = 128: 17 KB + 68 KB = 85 KB (two CTAs per SM on an H100 or an A100).
 //
+// v2 (MT = 2): the same kernel with 128 query rows a CTA, 32 per warp as two
+// m16 tiles, and 32-key tiles. Per key tile each K fragment (ldmatrix) feeds
+// the two row tiles' S = Q K^T MMAs and each V fragment their O += P V
+// MMAs, so shared-memory reads per MMA fall from 0.5 to 0.375 ldmatrix.x4
+// (Q comes from shared memory each k-step for D = 128: its fragments would
+// not fit the registers beside 2 x 64 O accumulators). ptxas (sm_90a): 255
+// registers with 2 bytes of spill for D = 128, none for 64 and 96. D = 80
+// has no v2: 32 keys x 10 chunks is not a whole number of chunks per
+// thread. Shared memory for D = 128: 34 KB of Q + 34 KB of K/V = 68 KB.
+//
 // ---------------------------------------------------------------------------
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} fragment layouts (PTX ISA,
 // "Matrix fragments for mma.m16n8k16"). lane = 0..31, g = lane / 4 (the row
@@ -100,7 +110,6 @@
 // ---------------------------------------------------------------------------
 
 #define PF_THREADS 128
-#define PF_BM 64                         // query rows per CTA: 4 warps x 16
 #define PF_LOG2E 1.4426950408889634f
 
 __device__ __forceinline__ unsigned pf_smem_addr(const void* p) {
@@ -170,9 +179,11 @@ template <> struct PfMma<__half> {
     }
 };
 
-// D: head_dim (a multiple of 16); BN: keys per tile (a multiple of 16).
-template <typename T, int D, int BN>
-__device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restrict__ q,
+// D: head_dim (a multiple of 16); BN: keys per tile (a multiple of 16);
+// MT: m16 row tiles per warp (v1: 1, a 64-row CTA tile; v2: 2, 128 rows, so
+// each K and V fragment read from shared memory feeds two MMAs).
+template <typename T, int D, int BN, int MT>
+__device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k_cache,
                                           const T* __restrict__ v_cache,
                                           const int* __restrict__ cu_seqlens_q,
@@ -181,20 +192,22 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
                                           int total_q, int q_heads, int kv_heads, int block_size,
                                           int max_blocks_per_seq, int num_blocks) {
     static_assert(D % 16 == 0 && BN % 16 == 0, "tiles are whole mma steps");
+    constexpr int BM = 64 * MT;        // query rows per CTA: 4 warps x 16 x MT
     constexpr int LD = D + 8;          // shared row stride (elements): 16-byte pad
     constexpr int CH = D / 8;          // 16-byte chunks per row
     constexpr int NT_S = BN / 8;       // n8 tiles of S per warp
     constexpr int NT_O = D / 8;        // n8 tiles of O per warp
     constexpr int KS_QK = D / 16;      // k-steps of Q K^T
     constexpr int KS_PV = BN / 16;     // k-steps of P V
-    // Q in registers costs D/4 registers; past 128 the O accumulators (D/2)
-    // need the room, and Q is read from shared memory each k-step instead.
-    constexpr bool Q_REGS = D <= 128;
+    // Q in registers costs MT*D/4 registers; past 32 (D = 128, MT = 1) the
+    // O accumulators (MT*D/2) need the room, and Q is read from shared
+    // memory each k-step instead.
+    constexpr bool Q_REGS = MT * D <= 128;
     typedef PfMma<T> Mma;
 
     extern __shared__ __align__(16) unsigned char pf_smem[];
-    T* q_s = reinterpret_cast<T*>(pf_smem);                    // [PF_BM][LD]
-    T* k_s = q_s + PF_BM * LD;                                 // [2][BN][LD]
+    T* q_s = reinterpret_cast<T*>(pf_smem);                    // [BM][LD]
+    T* k_s = q_s + BM * LD;                                    // [2][BN][LD]
     T* v_s = k_s + 2 * BN * LD;                                // [2][BN][LD]
     int* bad_s = reinterpret_cast<int*>(v_s + 2 * BN * LD);    // [2][BN]
 
@@ -213,15 +226,15 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
     const bool ok = q0_raw == lo && q1_raw == hi && kv_len >= q_len &&
                     (i64)kv_len <= (i64)max_blocks_per_seq * block_size && aligned16(q) &&
                     aligned16(k_cache) && aligned16(v_cache) && aligned16(out);
-    const int n_m = (q_len + PF_BM - 1) / PF_BM;
+    const int n_m = (q_len + BM - 1) / BM;
     const int ctx_off = kv_len - q_len;   // position of the sequence's first new query
     const int* table = block_tables + (i64)b * max_blocks_per_seq;
     const float sl2 = scale * PF_LOG2E;   // scores in log2 units: exp(x) = exp2(x log2 e)
     const i64 row_stride = (i64)q_heads * D;  // elements between consecutive tokens of q/out
 
     for (int slot = blockIdx.z; slot < n_m; slot += gridDim.z) {
-        const int m0 = (n_m - 1 - slot) * PF_BM;   // first row of the tile in the sequence
-        const int rows = min(PF_BM, q_len - m0);   // rows of the tile that exist
+        const int m0 = (n_m - 1 - slot) * BM;      // first row of the tile in the sequence
+        const int rows = min(BM, q_len - m0);      // rows of the tile that exist
         if (!ok) {
             for (int i = tid; i < rows * D; i += PF_THREADS) {
                 const int r = i / D, d = i - r * D;
@@ -230,10 +243,10 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
             continue;
         }
 
-        // Q tile [64][D]: rows past the sequence are zero-filled, not read.
+        // Q tile [BM][D]: rows past the sequence are zero-filled, not read.
         const T* q_tile = q + (lo + m0) * row_stride + (i64)h * D;
 #pragma unroll
-        for (int it = 0; it < PF_BM * CH / PF_THREADS; ++it) {   // PF_BM * CH = 8 D, D % 16 == 0
+        for (int it = 0; it < BM * CH / PF_THREADS; ++it) {   // BM * CH = 8 MT D, D % 16 == 0
             const int i = tid + it * PF_THREADS;
             const int r = i / CH, ch = i - r * CH;
             const bool live = r < rows;
@@ -284,20 +297,31 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
         bool bad_cur = load_kv(0, 0), bad_next = false;
         pf_cp_async_commit();   // group 0: Q and key tile 0
 
-        // This warp's rows: w*16 .. w*16+15 of the tile; this thread's two
-        // rows sit at positions pos_a (row g) and pos_b (row g + 8).
-        const int wrow = warp * 16;
+        // This warp's rows: w*16*MT .. +16*MT-1 of the tile, m16 tile mt at
+        // wrow + 16 mt; this thread's two rows of tile mt sit at positions
+        // pos_a + 16 mt (row g) and pos_a + 16 mt + 8 (row g + 8).
+        const int wrow = warp * 16 * MT;
         const bool warp_live = wrow < rows;   // else all its rows are padding
-        const int wpos_min = ctx_off + m0 + wrow, wpos_max = wpos_min + 15;
-        const int pos_a = wpos_min + g, pos_b = pos_a + 8;
+        const int wpos_min = ctx_off + m0 + wrow, wpos_max = wpos_min + 16 * MT - 1;
+        const int pos_a = wpos_min + g;
 
-        float m_r[2] = {WB_NEG_INF, WB_NEG_INF};   // running row max (raw score units)
-        float l_r[2] = {0.f, 0.f};                 // running row sum, this lane's columns only
-        bool row_bad[2] = {false, false};
-        float o[NT_O][4];                          // O [16][D] in C fragments
+        float m_r[MT][2];      // running row max (raw score units)
+        float l_r[MT][2];      // running row sum, this lane's columns only
+        bool row_bad[MT][2];
+        float o[MT][NT_O][4];  // O [16 MT][D] in C fragments
 #pragma unroll
-        for (int nt = 0; nt < NT_O; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
-        unsigned qf[Q_REGS ? KS_QK : 1][4];        // Q [16][D] in A fragments
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                m_r[mt][i] = WB_NEG_INF;
+                l_r[mt][i] = 0.f;
+                row_bad[mt][i] = false;
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT_O; ++nt)
+                o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.f;
+        }
+        unsigned qf[MT][Q_REGS ? KS_QK : 1][4];   // Q [16 MT][D] in A fragments
 
         for (int j = 0; j < n_tiles; ++j) {
             const int st = j & 1;
@@ -319,38 +343,51 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
             if constexpr (Q_REGS) {
                 if (j == 0 && warp_live) {
 #pragma unroll
-                    for (int ks = 0; ks < KS_QK; ++ks)
-                        pf_ldsm_x4(qf[ks], pf_smem_addr(q_s + (wrow + (lane & 15)) * LD + ks * 16 +
-                                                        (lane >> 4) * 8));
+                    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                        for (int ks = 0; ks < KS_QK; ++ks)
+                            pf_ldsm_x4(qf[mt][ks],
+                                       pf_smem_addr(q_s + (wrow + 16 * mt + (lane & 15)) * LD +
+                                                    ks * 16 + (lane >> 4) * 8));
                 }
             }
 
             // Warp-uniform: skip padding warps and tiles wholly above this
             // warp's diagonal (their weights would all be 0).
             if (warp_live && n0 <= wpos_max) {
-                // S = Q K^T: [16][BN] in C fragments.
-                float s[NT_S][4];
+                // S = Q K^T: [16 MT][BN] in C fragments; each K fragment
+                // serves the warp's MT row tiles.
+                float s[MT][NT_S][4];
 #pragma unroll
-                for (int nt = 0; nt < NT_S; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < NT_S; ++nt)
+                        s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
                 for (int ks = 0; ks < KS_QK; ++ks) {
-                    unsigned a[4];
-                    if constexpr (Q_REGS) {
-                        a[0] = qf[ks][0];
-                        a[1] = qf[ks][1];
-                        a[2] = qf[ks][2];
-                        a[3] = qf[ks][3];
-                    } else {
-                        pf_ldsm_x4(a, pf_smem_addr(q_s + (wrow + (lane & 15)) * LD + ks * 16 +
-                                                   (lane >> 4) * 8));
+                    unsigned a[MT][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        if constexpr (Q_REGS) {
+                            a[mt][0] = qf[mt][ks][0];
+                            a[mt][1] = qf[mt][ks][1];
+                            a[mt][2] = qf[mt][ks][2];
+                            a[mt][3] = qf[mt][ks][3];
+                        } else {
+                            pf_ldsm_x4(a[mt], pf_smem_addr(q_s + (wrow + 16 * mt + (lane & 15)) * LD +
+                                                           ks * 16 + (lane >> 4) * 8));
+                        }
                     }
 #pragma unroll
                     for (int np = 0; np < NT_S / 2; ++np) {
                         unsigned kb[4];
                         pf_ldsm_x4(kb, pf_smem_addr(kt + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD +
                                                     ks * 16 + ((lane >> 3) & 1) * 8));
-                        Mma::mma(s[2 * np], a, kb[0], kb[1]);
-                        Mma::mma(s[2 * np + 1], a, kb[2], kb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            Mma::mma(s[mt][2 * np], a[mt], kb[0], kb[1]);
+                            Mma::mma(s[mt][2 * np + 1], a[mt], kb[2], kb[3]);
+                        }
                     }
                 }
 
@@ -359,75 +396,88 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
                 // bad blocks are dropped and poison the rows that see them.
                 if (n0 + BN - 1 > wpos_min || tile_bad) {
 #pragma unroll
-                    for (int nt = 0; nt < NT_S; ++nt) {
+                    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int col = n0 + nt * 8 + 2 * c4 + (e & 1);
-                            const int pos = e < 2 ? pos_a : pos_b;
-                            if (col > pos) {
-                                s[nt][e] = WB_NEG_INF;
-                            } else if (tile_bad && bad_s[st * BN + col - n0]) {
-                                s[nt][e] = WB_NEG_INF;
-                                row_bad[e >> 1] = true;
+                        for (int nt = 0; nt < NT_S; ++nt) {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                const int col = n0 + nt * 8 + 2 * c4 + (e & 1);
+                                const int pos = pos_a + 16 * mt + (e < 2 ? 0 : 8);
+                                if (col > pos) {
+                                    s[mt][nt][e] = WB_NEG_INF;
+                                } else if (tile_bad && bad_s[st * BN + col - n0]) {
+                                    s[mt][nt][e] = WB_NEG_INF;
+                                    row_bad[mt][e >> 1] = true;
+                                }
                             }
                         }
                     }
                 }
 
-                // Online softmax. New row max over the tile, across the quad.
-                float mx[2] = {m_r[0], m_r[1]};
 #pragma unroll
-                for (int nt = 0; nt < NT_S; ++nt) {
-                    mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-                    mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-                }
-                float corr[2], mb[2];
+                for (int mt = 0; mt < MT; ++mt) {
+                    // Online softmax. New row max over the tile, across the quad.
+                    float mx[2] = {m_r[mt][0], m_r[mt][1]};
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                    // A row with nothing visible yet keeps max -inf: use 0 so
-                    // that exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
-                    mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
-                    corr[i] = m_r[i] == WB_NEG_INF ? 0.f : exp2f(m_r[i] * sl2 - mb[i]);
-                    m_r[i] = mx[i];
-                }
-                // p = exp(scale * (s - max)) = exp2(s * sl2 - max * sl2), in place.
-                float rs[2] = {0.f, 0.f};
+                    for (int nt = 0; nt < NT_S; ++nt) {
+                        mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                        mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                    }
+                    float corr[2], mb[2];
 #pragma unroll
-                for (int nt = 0; nt < NT_S; ++nt) {
-                    s[nt][0] = exp2f(fmaf(s[nt][0], sl2, -mb[0]));
-                    s[nt][1] = exp2f(fmaf(s[nt][1], sl2, -mb[0]));
-                    s[nt][2] = exp2f(fmaf(s[nt][2], sl2, -mb[1]));
-                    s[nt][3] = exp2f(fmaf(s[nt][3], sl2, -mb[1]));
-                    rs[0] += s[nt][0] + s[nt][1];
-                    rs[1] += s[nt][2] + s[nt][3];
-                }
-                l_r[0] = l_r[0] * corr[0] + rs[0];
-                l_r[1] = l_r[1] * corr[1] + rs[1];
+                    for (int i = 0; i < 2; ++i) {
+                        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                        mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                        // A row with nothing visible yet keeps max -inf: use 0 so
+                        // that exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
+                        mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
+                        corr[i] = m_r[mt][i] == WB_NEG_INF ? 0.f : exp2f(m_r[mt][i] * sl2 - mb[i]);
+                        m_r[mt][i] = mx[i];
+                    }
+                    // p = exp(scale * (s - max)) = exp2(s * sl2 - max * sl2), in place.
+                    float rs[2] = {0.f, 0.f};
 #pragma unroll
-                for (int nt = 0; nt < NT_O; ++nt) {
-                    o[nt][0] *= corr[0];
-                    o[nt][1] *= corr[0];
-                    o[nt][2] *= corr[1];
-                    o[nt][3] *= corr[1];
+                    for (int nt = 0; nt < NT_S; ++nt) {
+                        s[mt][nt][0] = exp2f(fmaf(s[mt][nt][0], sl2, -mb[0]));
+                        s[mt][nt][1] = exp2f(fmaf(s[mt][nt][1], sl2, -mb[0]));
+                        s[mt][nt][2] = exp2f(fmaf(s[mt][nt][2], sl2, -mb[1]));
+                        s[mt][nt][3] = exp2f(fmaf(s[mt][nt][3], sl2, -mb[1]));
+                        rs[0] += s[mt][nt][0] + s[mt][nt][1];
+                        rs[1] += s[mt][nt][2] + s[mt][nt][3];
+                    }
+                    l_r[mt][0] = l_r[mt][0] * corr[0] + rs[0];
+                    l_r[mt][1] = l_r[mt][1] * corr[1] + rs[1];
+#pragma unroll
+                    for (int nt = 0; nt < NT_O; ++nt) {
+                        o[mt][nt][0] *= corr[0];
+                        o[mt][nt][1] *= corr[0];
+                        o[mt][nt][2] *= corr[1];
+                        o[mt][nt][3] *= corr[1];
+                    }
                 }
 
-                // O += P V: P's A fragments straight from S's C fragments.
+                // O += P V: P's A fragments straight from S's C fragments;
+                // each V fragment serves the warp's MT row tiles.
 #pragma unroll
                 for (int kk = 0; kk < KS_PV; ++kk) {
-                    unsigned a[4];
-                    a[0] = Mma::pack(s[2 * kk][0], s[2 * kk][1]);
-                    a[1] = Mma::pack(s[2 * kk][2], s[2 * kk][3]);
-                    a[2] = Mma::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                    a[3] = Mma::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                    unsigned a[MT][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        a[mt][0] = Mma::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                        a[mt][1] = Mma::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                        a[mt][2] = Mma::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                        a[mt][3] = Mma::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    }
 #pragma unroll
                     for (int dp = 0; dp < D / 16; ++dp) {
                         unsigned vb[4];
                         pf_ldsm_x4_trans(vb, pf_smem_addr(vt + (kk * 16 + (lane & 15)) * LD + dp * 16 +
                                                           (lane >> 4) * 8));
-                        Mma::mma(o[2 * dp], a, vb[0], vb[1]);
-                        Mma::mma(o[2 * dp + 1], a, vb[2], vb[3]);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            Mma::mma(o[mt][2 * dp], a[mt], vb[0], vb[1]);
+                            Mma::mma(o[mt][2 * dp + 1], a[mt], vb[2], vb[3]);
+                        }
                     }
                 }
             }
@@ -435,59 +485,72 @@ __device__ void prefill_attention_v1_impl(T* __restrict__ out, const T* __restri
         }
 
         if (warp_live) {
-            // Whole-row sums and flags across the quad (every lane of a quad
-            // ends with the same values: a + b == b + a in floating point).
-            float inv[2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
-                l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
-                int bad = row_bad[i];
-                bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
-                bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
-                inv[i] = bad ? WB_NAN : (l_r[i] > 0.f ? 1.f / l_r[i] : 0.f);
-            }
-            // Stage the warp's 16 output rows in its own rows of q_s (no other
-            // warp reads them), then store 16 bytes per lane and step.
-            T* os = q_s + wrow * LD;
-            __syncwarp();
+            for (int mt = 0; mt < MT; ++mt) {
+                // Whole-row sums and flags across the quad (every lane of a
+                // quad ends with the same values: a + b == b + a in floating point).
+                float inv[2];
 #pragma unroll
-            for (int nt = 0; nt < NT_O; ++nt) {
-                const int col = nt * 8 + 2 * c4;
-                *reinterpret_cast<unsigned*>(os + g * LD + col) =
-                    Mma::pack(o[nt][0] * inv[0], o[nt][1] * inv[0]);
-                *reinterpret_cast<unsigned*>(os + (g + 8) * LD + col) =
-                    Mma::pack(o[nt][2] * inv[1], o[nt][3] * inv[1]);
-            }
-            __syncwarp();
-            for (int i = lane; i < 16 * CH; i += 32) {
-                const int r = i / CH, ch = i - r * CH;
-                if (wrow + r < rows)
-                    store16(out + (lo + m0 + wrow + r) * row_stride + (i64)h * D + ch * 8,
-                            load16(os + r * LD + ch * 8));
+                for (int i = 0; i < 2; ++i) {
+                    float l = l_r[mt][i];
+                    l += __shfl_xor_sync(0xffffffffu, l, 1);
+                    l += __shfl_xor_sync(0xffffffffu, l, 2);
+                    int bad = row_bad[mt][i];
+                    bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
+                    bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
+                    inv[i] = bad ? WB_NAN : (l > 0.f ? 1.f / l : 0.f);
+                }
+                // Stage the tile's 16 output rows in the warp's own rows of
+                // q_s (no other warp reads them), then store 16 bytes per
+                // lane and step.
+                const int trow = wrow + 16 * mt;
+                T* os = q_s + trow * LD;
+                __syncwarp();
+#pragma unroll
+                for (int nt = 0; nt < NT_O; ++nt) {
+                    const int col = nt * 8 + 2 * c4;
+                    *reinterpret_cast<unsigned*>(os + g * LD + col) =
+                        Mma::pack(o[mt][nt][0] * inv[0], o[mt][nt][1] * inv[0]);
+                    *reinterpret_cast<unsigned*>(os + (g + 8) * LD + col) =
+                        Mma::pack(o[mt][nt][2] * inv[1], o[mt][nt][3] * inv[1]);
+                }
+                __syncwarp();
+                for (int i = lane; i < 16 * CH; i += 32) {
+                    const int r = i / CH, ch = i - r * CH;
+                    if (trow + r < rows)
+                        store16(out + (lo + m0 + trow + r) * row_stride + (i64)h * D + ch * 8,
+                                load16(os + r * LD + ch * 8));
+                }
             }
         }
         __syncthreads();   // q_s and buffer 0 are refilled by the next tile
     }
 }
 
-// One entry point per (head_dim, storage type): prefill_attention_v1_d{D}_{bf16,f16}.
-// The host (src/prefill_attention.rs) keeps the same (D, BN) table.
-#define PF_ENTRY(T, S, D, BN)                                                                    \
-    extern "C" __global__ void __launch_bounds__(PF_THREADS) prefill_attention_v1_d##D##_##S(   \
-        T* out, const T* q, const T* k_cache, const T* v_cache, const int* cu_seqlens_q,        \
-        const int* kv_lens, const int* block_tables, float scale, int total_q, int q_heads,     \
-        int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks) {                 \
-        prefill_attention_v1_impl<T, D, BN>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,    \
-                                            block_tables, scale, total_q, q_heads, kv_heads,    \
-                                            block_size, max_blocks_per_seq, num_blocks);        \
+// One entry point per (variant, head_dim, storage type):
+// prefill_attention_{v1,v2}_d{D}_{bf16,f16}. The host
+// (src/prefill_attention.rs) keeps the same (D, BN) tables.
+#define PF_ENTRY(V, MT, T, S, D, BN)                                                             \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS)                                     \
+        prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache,                 \
+                                            const T* v_cache, const int* cu_seqlens_q,           \
+                                            const int* kv_lens, const int* block_tables,         \
+                                            float scale, int total_q, int q_heads, int kv_heads, \
+                                            int block_size, int max_blocks_per_seq,              \
+                                            int num_blocks) {                                    \
+        prefill_attention_impl<T, D, BN, MT>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,    \
+                                             block_tables, scale, total_q, q_heads, kv_heads,    \
+                                             block_size, max_blocks_per_seq, num_blocks);        \
     }
-#define PF_ENTRIES(T, S)      \
-    PF_ENTRY(T, S, 64, 64)    \
-    PF_ENTRY(T, S, 80, 64)    \
-    PF_ENTRY(T, S, 96, 64)    \
-    PF_ENTRY(T, S, 128, 64)   \
-    PF_ENTRY(T, S, 256, 32)
+#define PF_ENTRIES(T, S)                  \
+    PF_ENTRY(v1, 1, T, S, 64, 64)         \
+    PF_ENTRY(v1, 1, T, S, 80, 64)         \
+    PF_ENTRY(v1, 1, T, S, 96, 64)         \
+    PF_ENTRY(v1, 1, T, S, 128, 64)        \
+    PF_ENTRY(v1, 1, T, S, 256, 32)        \
+    PF_ENTRY(v2, 2, T, S, 64, 32)         \
+    PF_ENTRY(v2, 2, T, S, 96, 32)         \
+    PF_ENTRY(v2, 2, T, S, 128, 32)
 // 16-bit storage only: the tensor-core path has no f32 form (the launcher
 // refuses f32 with an Unsupported error).
 PF_ENTRIES(__nv_bfloat16, bf16)

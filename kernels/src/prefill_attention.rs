@@ -12,12 +12,20 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1"];
+pub const VARIANTS: &[&str] = &["v1", "v2"];
 pub const PRODUCTION: &str = "v1";
 
-/// Query rows per block (4 warps x 16) and threads per block (prefill_attention.cu).
+/// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
+/// per block (prefill_attention.cu).
 const BLOCK_M: usize = 64;
 const THREADS: u32 = 128;
+
+/// v2's tiles: 128 query rows a block (4 warps x 2 x 16), so each K and V
+/// fragment feeds two MMAs, and 32 keys a tile (64 would not fit the
+/// registers). Head dims without a v2 kernel run v1.
+pub const V2_HEAD_DIMS: &[usize] = &[64, 96, 128];
+const V2_BLOCK_M: usize = 128;
+const V2_TILE_N: usize = 32;
 /// Grid y and z are 16-bit on the device.
 const GRID_YZ_MAX: usize = 65535;
 
@@ -25,11 +33,12 @@ const GRID_YZ_MAX: usize = 65535;
 /// (the `PF_ENTRIES` table of prefill_attention.cu).
 pub const HEAD_DIMS: &[(usize, usize)] = &[(64, 64), (80, 64), (96, 64), (128, 64), (256, 32)];
 
-/// Dynamic shared memory of one block: the Q tile, two K and two V tiles
-/// (rows padded by 8 elements) and two tiles of bad-block flags (i32).
-pub fn shared_bytes(head_dim: usize, tile_n: usize) -> usize {
+/// Dynamic shared memory of one block: the Q tile of `block_m` rows, two K
+/// and two V tiles (rows padded by 8 elements) and two tiles of bad-block
+/// flags (i32).
+pub fn shared_bytes(head_dim: usize, tile_n: usize, block_m: usize) -> usize {
     let ld = head_dim + 8;
-    2 * (BLOCK_M * ld + 4 * tile_n * ld) + 4 * 2 * tile_n
+    2 * (block_m * ld + 4 * tile_n * ld) + 4 * 2 * tile_n
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -209,12 +218,17 @@ pub fn prefill_attention<T: Storage>(
             0,
         ));
     }
-    let tile_n = d.tile_n()?;
-    let smem = shared_bytes(d.head_dim, tile_n);
+    let v2 = variant == "v2" && V2_HEAD_DIMS.contains(&d.head_dim);
+    let (name, tile_n, block_m) = if v2 {
+        ("v2", V2_TILE_N, V2_BLOCK_M)
+    } else {
+        ("v1", d.tile_n()?, BLOCK_M)
+    };
+    let smem = shared_bytes(d.head_dim, tile_n, block_m);
     let f = typed_function::<T>(
         gpu,
         "prefill_attention",
-        &format!("prefill_attention_v1_d{}", d.head_dim),
+        &format!("prefill_attention_{name}_d{}", d.head_dim),
     )?;
     if smem > 48 * 1024 {
         // Above 48 KB a kernel must opt in to dynamic shared memory (A100:
@@ -228,7 +242,11 @@ pub fn prefill_attention<T: Storage>(
     let grid = (
         q_heads as u32,
         grid_u32(OP, "batch", d.batch)?,
-        grid_u32(OP, "max_q_len / 64", d.max_q_len.div_ceil(BLOCK_M))?,
+        grid_u32(
+            OP,
+            "max_q_len / rows per block",
+            d.max_q_len.div_ceil(block_m),
+        )?,
     );
     let scale = d.scale;
     // SAFETY: every buffer length is checked above against the dims passed to
@@ -272,12 +290,20 @@ mod tests {
     #[test]
     fn shared_memory_fits_an_a100_block() {
         for &(d, n) in HEAD_DIMS {
-            let s = shared_bytes(d, n);
+            let s = shared_bytes(d, n, BLOCK_M);
             assert!(s <= 163 * 1024, "head_dim {d}: {s} bytes");
             assert_eq!(s % 16, 0);
         }
+        for &d in V2_HEAD_DIMS {
+            let s = shared_bytes(d, V2_TILE_N, V2_BLOCK_M);
+            assert!(s <= 163 * 1024, "v2 head_dim {d}: {s} bytes");
+            assert_eq!(s % 16, 0);
+        }
         // d128: Q 64 x 136 + 4 tiles of 64 x 136 bf16, plus 2 x 64 flags.
-        assert_eq!(shared_bytes(128, 64), 2 * (64 * 136 + 4 * 64 * 136) + 512);
+        assert_eq!(
+            shared_bytes(128, 64, 64),
+            2 * (64 * 136 + 4 * 64 * 136) + 512
+        );
     }
 
     fn dims() -> PrefillAttentionDims {

@@ -52,6 +52,11 @@ const VARIANTS: &[Variant] = &[Variant {
     name: "v1",
     note: "FlashAttention-2 on mma.sync m16n8k16: 64 query rows x 1 head per block, K/V tiles through the block table by cp.async (double-buffered), online softmax in registers, P reused as the A operand",
     production: true,
+},
+Variant {
+    name: "v2",
+    note: "v1 with 128 query rows a block (32 a warp) and 32-key tiles: each K and V fragment read from shared memory feeds two MMAs (a third less shared-memory traffic per MMA); head dims 64/96/128, others run v1",
+    production: false,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
