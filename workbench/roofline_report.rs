@@ -144,7 +144,7 @@ fn fusion_section(ours: &[PerfRow]) -> String {
     let mut md = String::from(
         "## rope_kv_store against rope + kv_store\n\nOur fastest `rope` plus our fastest `kv_store` on the same shape, against the fused kernel. \
 The byte model bounds the gain: the pair also writes k back and reads it again, so the best ratio is 1 + 2·kv/(2·q + 4·kv) with q, kv the query and key elements per token (1.10–1.13× for Qwen2's heads), \
-so more than that can only come from launch and latency savings at small sizes.\n\n| case | rope µs | kv_store µs | sum µs | fused µs | speed-up | prefill target 1.3× |\n|---|---|---|---|---|---|---|\n",
+so more than that can only come from launch and latency savings at small sizes.\n\n| variant | case | rope µs | kv_store µs | sum µs | fused µs | speed-up | prefill target 1.3× |\n|---|---|---|---|---|---|---|---|\n",
     );
     for f in fused {
         let rope = best("rope", f, &["tokens", "q_heads", "kv_heads", "head_dim"]);
@@ -157,7 +157,11 @@ so more than that can only come from launch and latency savings at small sizes.\
             .and_then(|t| t.parse::<usize>().ok())
             .is_some_and(|t| t >= 4096);
         let (Some(r), Some(k), Some(u)) = (rope, kv, f.us()) else {
-            let _ = writeln!(md, "| `{}` | — | — | — | {} | — | — |", f.case, f.us);
+            let _ = writeln!(
+                md,
+                "| {} | `{}` | — | — | — | {} | — | — |",
+                f.variant, f.case, f.us
+            );
             continue;
         };
         let x = (r + k) / u;
@@ -170,7 +174,8 @@ so more than that can only come from launch and latency savings at small sizes.\
         };
         let _ = writeln!(
             md,
-            "| `{}` | {r:.2} | {k:.2} | {:.2} | {u:.2} | {x:.2}× | {target} |",
+            "| {} | `{}` | {r:.2} | {k:.2} | {:.2} | {u:.2} | {x:.2}× | {target} |",
+            f.variant,
             f.case,
             r + k
         );

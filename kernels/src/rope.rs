@@ -68,7 +68,7 @@ pub struct RopeDims {
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
-pub const PRODUCTION: &str = "v3";
+pub const PRODUCTION: &str = "v4";
 
 /// Rotate q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim] in
 /// place at positions [tokens]. A position outside the table turns that

@@ -12,7 +12,7 @@ const OP: &str = "rope_kv_store";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2"];
-pub const PRODUCTION: &str = "v1";
+pub const PRODUCTION: &str = "v2";
 
 #[derive(Clone, Copy, Debug)]
 pub struct RopeKvStoreDims {

@@ -10,7 +10,7 @@ const OP: &str = "silu_mul";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5"];
-pub const PRODUCTION: &str = "v1";
+pub const PRODUCTION: &str = "v5";
 
 /// Threads per block of every variant.
 const THREADS: usize = 256;
