@@ -70,6 +70,16 @@
 // has no v2: 32 keys x 10 chunks is not a whole number of chunks per
 // thread. Shared memory for D = 128: 34 KB of Q + 34 KB of K/V = 68 KB.
 //
+// v3 (FAST = true): v2's tiles (64-key tiles for D = 64) with fewer
+// instructions beside the MMAs, which v2 issues about as many of as MMAs:
+// - the softmax exponent is one ex2.approx.ftz (exp2f adds range scaling);
+// - O and l are rescaled only when some row of the warp's m16 tile has a
+//   new maximum (a warp vote): after the first tiles the max rarely moves;
+// - block_size is a power of two (the host runs v2 otherwise), so a token's
+//   block and offset are a shift and a mask, not a 32-bit division and
+//   remainder per 16-byte chunk; and the block-table entries of key tile
+//   j+2 are loaded while tile j is computed, so no copy waits on them.
+//
 // ---------------------------------------------------------------------------
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} fragment layouts (PTX ISA,
 // "Matrix fragments for mma.m16n8k16"). lane = 0..31, g = lane / 4 (the row
@@ -111,6 +121,19 @@
 
 #define PF_THREADS 128
 #define PF_LOG2E 1.4426950408889634f
+
+// 2^x: v1/v2 keep exp2f; v3 one MUFU.EX2 (results below 2^-126 flush to 0,
+// far under a 16-bit P's resolution).
+template <bool FAST>
+__device__ __forceinline__ float pf_exp2(float x) {
+    if constexpr (FAST) {
+        float y;
+        asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+        return y;
+    } else {
+        return exp2f(x);
+    }
+}
 
 __device__ __forceinline__ unsigned pf_smem_addr(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -181,8 +204,9 @@ template <> struct PfMma<__half> {
 
 // D: head_dim (a multiple of 16); BN: keys per tile (a multiple of 16);
 // MT: m16 row tiles per warp (v1: 1, a 64-row CTA tile; v2: 2, 128 rows, so
-// each K and V fragment read from shared memory feeds two MMAs).
-template <typename T, int D, int BN, int MT>
+// each K and V fragment read from shared memory feeds two MMAs); FAST: v3's
+// instruction savings (block_size must then be a power of two).
+template <typename T, int D, int BN, int MT, bool FAST>
 __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k_cache,
                                           const T* __restrict__ v_cache,
@@ -231,6 +255,12 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
     const int* table = block_tables + (i64)b * max_blocks_per_seq;
     const float sl2 = scale * PF_LOG2E;   // scores in log2 units: exp(x) = exp2(x log2 e)
     const i64 row_stride = (i64)q_heads * D;  // elements between consecutive tokens of q/out
+    // v3's cache addressing: slot (blk, t) of kv head kvh starts at
+    // blk * blk_stride + t * tok_stride + kvh * D (block_size = 2^bs_shift).
+    const int bs_shift = 31 - __clz(block_size), bs_mask = block_size - 1;
+    const int tok_stride = kv_heads * D;
+    const i64 blk_stride = (i64)block_size * tok_stride;
+    constexpr int NIT = BN * CH / PF_THREADS;   // 16-byte chunks of a K (or V) tile per thread
 
     for (int slot = blockIdx.z; slot < n_m; slot += gridDim.z) {
         const int m0 = (n_m - 1 - slot) * BM;      // first row of the tile in the sequence
@@ -291,10 +321,50 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
             return bad;
         };
 
+        // v3: the block ids of this thread's chunks of key tile j (0 past the
+        // context, never read); loads only, consumed by issue_kv a tile later.
+        int blk_next[NIT];
+        auto fetch_blocks = [&](int j) {
+#pragma unroll
+            for (int it = 0; it < NIT; ++it) {
+                const int tok = j * BN + (tid + it * PF_THREADS) / CH;
+                blk_next[it] = tok < kv_len ? table[tok >> bs_shift] : 0;
+            }
+        };
+        // v3: load_kv with the block ids fetched by fetch_blocks(j).
+        auto issue_kv = [&](int j, int st) -> bool {
+            bool bad = false;
+            T* ks = k_s + st * BN * LD;
+            T* vs = v_s + st * BN * LD;
+#pragma unroll
+            for (int it = 0; it < NIT; ++it) {
+                const int i = tid + it * PF_THREADS;
+                const int r = i / CH, ch = i - r * CH;
+                const int tok = j * BN + r;
+                const int blk = blk_next[it];
+                const bool in_ctx = tok < kv_len;
+                const bool blk_bad = in_ctx && (blk < 0 || blk >= num_blocks);
+                const bool live = in_ctx && !blk_bad;
+                const i64 off = (i64)blk * blk_stride + (tok & bs_mask) * tok_stride + kvh * D + ch * 8;
+                if (ch == 0) bad_s[st * BN + r] = blk_bad;
+                bad |= blk_bad;
+                pf_cp_async16(pf_smem_addr(ks + r * LD + ch * 8), live ? k_cache + off : k_cache, live);
+                pf_cp_async16(pf_smem_addr(vs + r * LD + ch * 8), live ? v_cache + off : v_cache, live);
+            }
+            return bad;
+        };
+
         // Keys 0..kv_last are visible to some row of the tile.
         const int kv_last = ctx_off + m0 + rows - 1;
         const int n_tiles = kv_last / BN + 1;
-        bool bad_cur = load_kv(0, 0), bad_next = false;
+        bool bad_cur, bad_next = false;
+        if constexpr (FAST) {
+            fetch_blocks(0);
+            bad_cur = issue_kv(0, 0);
+            if (n_tiles > 1) fetch_blocks(1);
+        } else {
+            bad_cur = load_kv(0, 0);
+        }
         pf_cp_async_commit();   // group 0: Q and key tile 0
 
         // This warp's rows: w*16*MT .. +16*MT-1 of the tile, m16 tile mt at
@@ -326,8 +396,13 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
         for (int j = 0; j < n_tiles; ++j) {
             const int st = j & 1;
             if (j + 1 < n_tiles) {
-                bad_next = load_kv(j + 1, st ^ 1);   // buffer st^1 was released by the
-                pf_cp_async_commit();                // barrier that ended iteration j-1
+                if constexpr (FAST) {
+                    bad_next = issue_kv(j + 1, st ^ 1);
+                    if (j + 2 < n_tiles) fetch_blocks(j + 2);   // in flight during tile j
+                } else {
+                    bad_next = load_kv(j + 1, st ^ 1);   // buffer st^1 was released by the
+                }                                        // barrier that ended iteration j-1
+                pf_cp_async_commit();
                 pf_cp_async_wait<1>();               // all but tile j+1 have landed
             } else {
                 pf_cp_async_wait<0>();
@@ -424,6 +499,7 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
                         mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
                     }
                     float corr[2], mb[2];
+                    bool grew = false;   // v3: some row of this lane has a new max
 #pragma unroll
                     for (int i = 0; i < 2; ++i) {
                         mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
@@ -431,28 +507,41 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
                         // A row with nothing visible yet keeps max -inf: use 0 so
                         // that exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
                         mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
-                        corr[i] = m_r[mt][i] == WB_NEG_INF ? 0.f : exp2f(m_r[mt][i] * sl2 - mb[i]);
+                        if constexpr (FAST) {
+                            const bool up = mx[i] > m_r[mt][i];
+                            grew |= up;
+                            corr[i] = !up ? 1.f
+                                          : (m_r[mt][i] == WB_NEG_INF
+                                                 ? 0.f
+                                                 : pf_exp2<true>(m_r[mt][i] * sl2 - mb[i]));
+                        } else {
+                            corr[i] = m_r[mt][i] == WB_NEG_INF ? 0.f : exp2f(m_r[mt][i] * sl2 - mb[i]);
+                        }
                         m_r[mt][i] = mx[i];
                     }
                     // p = exp(scale * (s - max)) = exp2(s * sl2 - max * sl2), in place.
                     float rs[2] = {0.f, 0.f};
 #pragma unroll
                     for (int nt = 0; nt < NT_S; ++nt) {
-                        s[mt][nt][0] = exp2f(fmaf(s[mt][nt][0], sl2, -mb[0]));
-                        s[mt][nt][1] = exp2f(fmaf(s[mt][nt][1], sl2, -mb[0]));
-                        s[mt][nt][2] = exp2f(fmaf(s[mt][nt][2], sl2, -mb[1]));
-                        s[mt][nt][3] = exp2f(fmaf(s[mt][nt][3], sl2, -mb[1]));
+                        s[mt][nt][0] = pf_exp2<FAST>(fmaf(s[mt][nt][0], sl2, -mb[0]));
+                        s[mt][nt][1] = pf_exp2<FAST>(fmaf(s[mt][nt][1], sl2, -mb[0]));
+                        s[mt][nt][2] = pf_exp2<FAST>(fmaf(s[mt][nt][2], sl2, -mb[1]));
+                        s[mt][nt][3] = pf_exp2<FAST>(fmaf(s[mt][nt][3], sl2, -mb[1]));
                         rs[0] += s[mt][nt][0] + s[mt][nt][1];
                         rs[1] += s[mt][nt][2] + s[mt][nt][3];
                     }
                     l_r[mt][0] = l_r[mt][0] * corr[0] + rs[0];
                     l_r[mt][1] = l_r[mt][1] * corr[1] + rs[1];
+                    // v3: a warp-uniform skip when no row's max moved (every
+                    // corr is then exactly 1).
+                    if (!FAST || __any_sync(0xffffffffu, grew)) {
 #pragma unroll
-                    for (int nt = 0; nt < NT_O; ++nt) {
-                        o[mt][nt][0] *= corr[0];
-                        o[mt][nt][1] *= corr[0];
-                        o[mt][nt][2] *= corr[1];
-                        o[mt][nt][3] *= corr[1];
+                        for (int nt = 0; nt < NT_O; ++nt) {
+                            o[mt][nt][0] *= corr[0];
+                            o[mt][nt][1] *= corr[0];
+                            o[mt][nt][2] *= corr[1];
+                            o[mt][nt][3] *= corr[1];
+                        }
                     }
                 }
 
@@ -528,29 +617,32 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
 }
 
 // One entry point per (variant, head_dim, storage type):
-// prefill_attention_{v1,v2}_d{D}_{bf16,f16}. The host
+// prefill_attention_{v1,v2,v3}_d{D}_{bf16,f16}. The host
 // (src/prefill_attention.rs) keeps the same (D, BN) tables.
-#define PF_ENTRY(V, MT, T, S, D, BN)                                                             \
-    extern "C" __global__ void __launch_bounds__(PF_THREADS)                                     \
-        prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache,                 \
-                                            const T* v_cache, const int* cu_seqlens_q,           \
-                                            const int* kv_lens, const int* block_tables,         \
-                                            float scale, int total_q, int q_heads, int kv_heads, \
-                                            int block_size, int max_blocks_per_seq,              \
-                                            int num_blocks) {                                    \
-        prefill_attention_impl<T, D, BN, MT>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,    \
-                                             block_tables, scale, total_q, q_heads, kv_heads,    \
-                                             block_size, max_blocks_per_seq, num_blocks);        \
+#define PF_ENTRY(V, MT, FAST, T, S, D, BN)                                                          \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS)                                        \
+        prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache,                    \
+                                            const T* v_cache, const int* cu_seqlens_q,              \
+                                            const int* kv_lens, const int* block_tables,            \
+                                            float scale, int total_q, int q_heads, int kv_heads,    \
+                                            int block_size, int max_blocks_per_seq,                 \
+                                            int num_blocks) {                                       \
+        prefill_attention_impl<T, D, BN, MT, FAST>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens, \
+                                             block_tables, scale, total_q, q_heads, kv_heads,       \
+                                             block_size, max_blocks_per_seq, num_blocks);           \
     }
 #define PF_ENTRIES(T, S)                  \
-    PF_ENTRY(v1, 1, T, S, 64, 64)         \
-    PF_ENTRY(v1, 1, T, S, 80, 64)         \
-    PF_ENTRY(v1, 1, T, S, 96, 64)         \
-    PF_ENTRY(v1, 1, T, S, 128, 64)        \
-    PF_ENTRY(v1, 1, T, S, 256, 32)        \
-    PF_ENTRY(v2, 2, T, S, 64, 32)         \
-    PF_ENTRY(v2, 2, T, S, 96, 32)         \
-    PF_ENTRY(v2, 2, T, S, 128, 32)
+    PF_ENTRY(v1, 1, false, T, S, 64, 64)  \
+    PF_ENTRY(v1, 1, false, T, S, 80, 64)  \
+    PF_ENTRY(v1, 1, false, T, S, 96, 64)  \
+    PF_ENTRY(v1, 1, false, T, S, 128, 64) \
+    PF_ENTRY(v1, 1, false, T, S, 256, 32) \
+    PF_ENTRY(v2, 2, false, T, S, 64, 32)  \
+    PF_ENTRY(v2, 2, false, T, S, 96, 32)  \
+    PF_ENTRY(v2, 2, false, T, S, 128, 32) \
+    PF_ENTRY(v3, 2, true, T, S, 64, 64)   \
+    PF_ENTRY(v3, 2, true, T, S, 96, 32)   \
+    PF_ENTRY(v3, 2, true, T, S, 128, 32)
 // 16-bit storage only: the tensor-core path has no f32 form (the launcher
 // refuses f32 with an Unsupported error).
 PF_ENTRIES(__nv_bfloat16, bf16)

@@ -12,8 +12,8 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2"];
-pub const PRODUCTION: &str = "v1";
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
+pub const PRODUCTION: &str = "v3";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
 /// per block (prefill_attention.cu).
@@ -26,6 +26,10 @@ const THREADS: u32 = 128;
 pub const V2_HEAD_DIMS: &[usize] = &[64, 96, 128];
 const V2_BLOCK_M: usize = 128;
 const V2_TILE_N: usize = 32;
+/// v3: v2's tiles (64 keys a tile for head dim 64) with fewer instructions
+/// beside the MMAs; it needs a power-of-two block_size (a shift, not a
+/// division, per chunk). Other shapes run v2 (or v1).
+pub const V3_TILES: &[(usize, usize)] = &[(64, 64), (96, 32), (128, 32)];
 /// Grid y and z are 16-bit on the device.
 const GRID_YZ_MAX: usize = 65535;
 
@@ -218,8 +222,15 @@ pub fn prefill_attention<T: Storage>(
             0,
         ));
     }
-    let v2 = variant == "v2" && V2_HEAD_DIMS.contains(&d.head_dim);
-    let (name, tile_n, block_m) = if v2 {
+    let v3_tile = V3_TILES
+        .iter()
+        .find(|(dim, _)| *dim == d.head_dim)
+        .map(|(_, n)| *n)
+        .filter(|_| variant == "v3" && d.block_size.is_power_of_two());
+    let v2 = matches!(variant, "v2" | "v3") && V2_HEAD_DIMS.contains(&d.head_dim);
+    let (name, tile_n, block_m) = if let Some(n) = v3_tile {
+        ("v3", n, V2_BLOCK_M)
+    } else if v2 {
         ("v2", V2_TILE_N, V2_BLOCK_M)
     } else {
         ("v1", d.tile_n()?, BLOCK_M)

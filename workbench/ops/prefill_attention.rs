@@ -51,12 +51,17 @@ pub struct PrefillAttention;
 const VARIANTS: &[Variant] = &[Variant {
     name: "v1",
     note: "FlashAttention-2 on mma.sync m16n8k16: 64 query rows x 1 head per block, K/V tiles through the block table by cp.async (double-buffered), online softmax in registers, P reused as the A operand",
-    production: true,
+    production: false,
 },
 Variant {
     name: "v2",
-    note: "v1 with 128 query rows a block (32 a warp) and 32-key tiles: each K and V fragment read from shared memory feeds two MMAs (a third less shared-memory traffic per MMA); head dims 64/96/128, others run v1",
+    note: "v1 with 128 query rows a block (32 a warp) and 32-key tiles: each K and V fragment read from shared memory feeds two MMAs (a third less shared-memory traffic per MMA); head dims 64/96/128, others run v1; on the H100 (2026-11-26) 199-214 TFLOP/s at head dim 128, 1.32-1.35x v1",
     production: false,
+},
+Variant {
+    name: "v3",
+    note: "v2 (64-key tiles for head dim 64) with fewer instructions beside the MMAs: ex2.approx, O rescaled only when a row's max grows (warp vote), block and slot by shift and mask (power-of-two block sizes; others run v2), block-table entries loaded a tile ahead",
+    production: true,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
