@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
 pub const PRODUCTION: &str = "v3";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
@@ -30,6 +30,9 @@ const V2_TILE_N: usize = 32;
 /// beside the MMAs; it needs a power-of-two block_size (a shift, not a
 /// division, per chunk). Other shapes run v2 (or v1).
 pub const V3_TILES: &[(usize, usize)] = &[(64, 64), (96, 32), (128, 32)];
+/// v4: v3's savings on v1's tiles (64 query rows, 64 keys); power-of-two
+/// block sizes, others run v1.
+pub const V4_HEAD_DIMS: &[usize] = &[64, 96, 128];
 /// Grid y and z are 16-bit on the device.
 const GRID_YZ_MAX: usize = 65535;
 
@@ -228,7 +231,11 @@ pub fn prefill_attention<T: Storage>(
         .map(|(_, n)| *n)
         .filter(|_| variant == "v3" && d.block_size.is_power_of_two());
     let v2 = matches!(variant, "v2" | "v3") && V2_HEAD_DIMS.contains(&d.head_dim);
-    let (name, tile_n, block_m) = if let Some(n) = v3_tile {
+    let v4 =
+        variant == "v4" && V4_HEAD_DIMS.contains(&d.head_dim) && d.block_size.is_power_of_two();
+    let (name, tile_n, block_m) = if v4 {
+        ("v4", 64, BLOCK_M)
+    } else if let Some(n) = v3_tile {
         ("v3", n, V2_BLOCK_M)
     } else if v2 {
         ("v2", V2_TILE_N, V2_BLOCK_M)

@@ -62,6 +62,11 @@ Variant {
     name: "v3",
     note: "v2 (64-key tiles for head dim 64) with fewer instructions beside the MMAs: ex2.approx, O rescaled only when a row's max grows (warp vote), block and slot by shift and mask (power-of-two block sizes; others run v2), block-table entries loaded a tile ahead; on the H100 (2026-11-26) 237-277 TFLOP/s, 1.29-1.42x v2, 0.82-0.93x SDPA flash (FlashAttention-2)",
     production: true,
+},
+Variant {
+    name: "v4",
+    note: "v3's savings on v1's tiles (64 query rows, 16 a warp, 64-key tiles, Q in registers): half v3's barriers and votes per key at 0.5 instead of 0.375 shared-memory reads per MMA; power-of-two block sizes, others run v1",
+    production: false,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
