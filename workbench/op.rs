@@ -174,6 +174,42 @@ pub fn rounded_once(dtype: DType) -> Tolerance {
     }
 }
 
+/// The `bench` and `run` methods every [`Op`] has alike: check the variant,
+/// then call the op module's `bench_t::<T>(gpu, case, sets, variant)` or
+/// `run_t::<T>(gpu, case, sabotage, tolerance, variant)` for the dtype.
+/// Invoked inside each op's `impl Op`, where those two functions are in scope.
+#[macro_export]
+macro_rules! dtype_dispatch {
+    () => {
+        fn bench(
+            &self,
+            gpu: &kernels::Gpu,
+            case: &$crate::case::Case,
+            dtype: kernels::DType,
+            variant: &str,
+            sets: usize,
+        ) -> Result<Box<dyn $crate::op::Bench>, $crate::op::RunError> {
+            self.require_variant(variant)?;
+            $crate::by_dtype!(dtype, bench_t(gpu, case, sets, variant))
+        }
+
+        fn run(
+            &self,
+            gpu: &kernels::Gpu,
+            case: &$crate::case::Case,
+            dtype: kernels::DType,
+            variant: &str,
+            sabotage: $crate::op::Sabotage,
+        ) -> Result<$crate::compare::Metrics, $crate::op::RunError> {
+            self.require_variant(variant)?;
+            $crate::by_dtype!(
+                dtype,
+                run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
+            )
+        }
+    };
+}
+
 /// Call `$f::<T>(args)` with T the storage type of `$dtype`.
 #[macro_export]
 macro_rules! by_dtype {

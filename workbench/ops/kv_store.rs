@@ -9,7 +9,6 @@
 //!
 //! Case keys: tokens, kv_heads, head_dim, block_size, pool (default 3), skip (0/1), gen, seed.
 
-use crate::by_dtype;
 use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
@@ -176,32 +175,7 @@ impl Op for KvStore {
         Ok(0)
     }
 
-    fn bench(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sets: usize,
-    ) -> Result<Box<dyn Bench>, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
-    }
-
-    fn run(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sabotage: Sabotage,
-    ) -> Result<Metrics, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(
-            dtype,
-            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
-        )
-    }
+    crate::dtype_dispatch!();
 }
 
 /// Distinct random slots for `tokens` tokens, a shuffled prefix of a pool of

@@ -13,7 +13,6 @@
 //! cap; the engine caps its ragged batches), gen, seed. Softmax scale
 //! 1/sqrt(head_dim).
 
-use crate::by_dtype;
 use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
@@ -278,32 +277,7 @@ impl Op for PagedAttention {
         Ok(4 * (p.batch * p.q_heads * p.ctx * p.head_dim) as u64)
     }
 
-    fn bench(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sets: usize,
-    ) -> Result<Box<dyn Bench>, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
-    }
-
-    fn run(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sabotage: Sabotage,
-    ) -> Result<Metrics, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(
-            dtype,
-            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
-        )
-    }
+    crate::dtype_dispatch!();
 }
 
 fn run_t<T: Stored>(

@@ -26,7 +26,6 @@
 //! fits the budget and is compared in full (a unit test below holds that);
 //! only the perf cases are sampled.
 
-use crate::by_dtype;
 use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
@@ -403,32 +402,7 @@ impl Op for PrefillAttention {
         Ok(2 * 2 * pairs * (p.q_heads * p.head_dim) as u64)
     }
 
-    fn bench(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sets: usize,
-    ) -> Result<Box<dyn Bench>, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
-    }
-
-    fn run(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sabotage: Sabotage,
-    ) -> Result<Metrics, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(
-            dtype,
-            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
-        )
-    }
+    crate::dtype_dispatch!();
 }
 
 /// A case's inputs on the host, as stored (rounded to the dtype).

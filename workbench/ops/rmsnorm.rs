@@ -12,8 +12,8 @@ use crate::op::{
     finish, rand_buf, rounded_once, static_variant, to_storage, Bench, Expect, Op, RunError,
     Sabotage, Stored, Variant,
 };
+use crate::shapes;
 use crate::shapes::{flat, view2};
-use crate::{by_dtype, shapes};
 use cudarc::driver::CudaSlice;
 use kernels::rmsnorm::{fused_add_rmsnorm, rmsnorm, RmsNormDims};
 use kernels::KernelError;
@@ -147,32 +147,7 @@ impl Op for RmsNorm {
         Ok(n * if p.residual { 5 } else { 4 })
     }
 
-    fn bench(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sets: usize,
-    ) -> Result<Box<dyn Bench>, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
-    }
-
-    fn run(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sabotage: Sabotage,
-    ) -> Result<Metrics, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(
-            dtype,
-            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
-        )
-    }
+    crate::dtype_dispatch!();
 }
 
 fn run_t<T: Stored>(

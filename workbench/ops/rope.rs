@@ -4,7 +4,6 @@
 //! Case keys: tokens, q_heads, kv_heads, head_dim, max_pos (default 4096),
 //! theta (default 1e6, Qwen2's rope_theta), gen, seed.
 
-use crate::by_dtype;
 use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
@@ -180,32 +179,7 @@ impl Op for Rope {
         Ok((p.tokens * (p.q_heads + p.kv_heads) * p.head_dim) as u64 * 3)
     }
 
-    fn bench(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sets: usize,
-    ) -> Result<Box<dyn Bench>, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
-    }
-
-    fn run(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sabotage: Sabotage,
-    ) -> Result<Metrics, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(
-            dtype,
-            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
-        )
-    }
+    crate::dtype_dispatch!();
 }
 
 fn run_t<T: Stored>(

@@ -5,7 +5,6 @@
 //! (default 4096), pool (default 3), skip (0/1), theta (default 1e6), gen, seed.
 //! Slots and skipped tokens are drawn as in `kv_store`; caches start all NaN.
 
-use crate::by_dtype;
 use crate::case::{Case, CaseError};
 use crate::compare::{Metrics, Tolerance};
 use crate::gen::{self, Gen};
@@ -214,32 +213,7 @@ impl Op for RopeKvStore {
         Ok((p.tokens * (p.q_heads + p.kv_heads) * p.head_dim) as u64 * 3)
     }
 
-    fn bench(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sets: usize,
-    ) -> Result<Box<dyn Bench>, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(dtype, bench_t(gpu, case, sets, variant))
-    }
-
-    fn run(
-        &self,
-        gpu: &Gpu,
-        case: &Case,
-        dtype: DType,
-        variant: &str,
-        sabotage: Sabotage,
-    ) -> Result<Metrics, RunError> {
-        self.require_variant(variant)?;
-        by_dtype!(
-            dtype,
-            run_t(gpu, case, sabotage, self.tolerance(dtype), variant)
-        )
-    }
+    crate::dtype_dispatch!();
 }
 
 fn run_t<T: Stored>(
