@@ -10,14 +10,14 @@ torch_eager / torch_compile gather through the block table inside the call,
 then SDPA: what plain PyTorch does for paged decode.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from bench_base import BenchBase, Impl
-from check import Expect, rows_per_chunk, tolerance
-from common import Unavailable, compiled, import_peer, randn, torch_dtype, uniform
+from bench_base import Impl
+from check import Expect, rows_per_chunk
+from common import Unavailable, compiled, import_peer
+from paged_kv import PagedKvBench
 
 FI_WORKSPACE_BYTES = 128 << 20
 
@@ -33,66 +33,17 @@ def sdpa_decode(q4, k, v, scale: float):
     return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
 
 
-class Bench(BenchBase):
+class Bench(PagedKvBench):
     kernel = "paged_attention"
 
     def __init__(self, case, device="cuda"):
         super().__init__(case, device)
-        self.batch = case.int("batch")
-        self.q_heads = case.int("q_heads")
-        self.kv_heads = case.int("kv_heads")
-        self.head_dim = case.int("head_dim")
-        self.block_size = case.int("block_size")
+        self._paged_init(case)
         self.ctx = case.int("ctx")
-        self.pool = max(1, case.int("pool", 3))
-        if self.q_heads % self.kv_heads:
-            raise Unavailable("q_heads is not a multiple of kv_heads")
         if self.ctx < 1:
             raise Unavailable("ctx=0")
-        self.mbps = max(1, math.ceil(self.ctx / self.block_size))
-        self.num_blocks = self.batch * self.mbps * self.pool
-        self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.dtype = torch_dtype(case.dtype)
-        self._fi_workspace = None
-
-    def _tables(self, gen):
-        perm = torch.randperm(self.num_blocks, generator=gen, device=self.device)
-        return perm[: self.batch * self.mbps].to(torch.int32).view(self.batch, self.mbps)
-
-    def _slot_index(self, tables):
-        """[n, ctx] int64 flat slot of every live token of the sequences in tables."""
-        j = torch.arange(self.ctx, device=tables.device)
-        return tables.long()[:, j // self.block_size] * self.block_size + (j % self.block_size)
-
-    def _empty_set(self, gen):
-        cache = (self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
-        return cache, {
-            "tables": self._tables(gen),
-            "out": torch.empty((self.batch, self.q_heads, self.head_dim), dtype=self.dtype, device=self.device),
-        }
-
-    def check_set(self, gen):
-        # NaN in every slot that holds no live token (as ours): reading past
-        # ctx, or a wrong block, turns the output NaN.
-        cache, s = self._empty_set(gen)
-        s["q"] = randn((self.batch, self.q_heads, self.head_dim), self.dtype, gen, self.device)
-        idx = self._slot_index(s["tables"]).reshape(-1)
-        for name in ("k_cache", "v_cache"):
-            c = torch.full(cache, float("nan"), dtype=self.dtype, device=self.device)
-            flat = c.view(-1, self.kv_heads, self.head_dim)
-            flat[idx] = randn((idx.numel(), self.kv_heads, self.head_dim), self.dtype, gen, self.device)
-            s[name] = c
-        return s
-
-    def perf_set(self, gen, index):
-        cache, s = self._empty_set(gen)
-        s["q"] = uniform((self.batch, self.q_heads, self.head_dim), -1.0, 1.0, self.dtype, gen, self.device)
-        s["k_cache"] = uniform(cache, -1.0, 1.0, self.dtype, gen, self.device)
-        s["v_cache"] = uniform(cache, -1.0, 1.0, self.dtype, gen, self.device)
-        return s
-
-    def tolerance(self):
-        return tolerance(self.case.dtype)
+        self.q_rows = self.batch  # one query a sequence
+        self._paged_layout()
 
     def expects(self, pristine, got):
         kv, g, d = self.kv_heads, self.q_heads // self.kv_heads, self.head_dim
