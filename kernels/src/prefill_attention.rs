@@ -225,23 +225,7 @@ pub fn prefill_attention<T: Storage>(
             0,
         ));
     }
-    let v3_tile = V3_TILES
-        .iter()
-        .find(|(dim, _)| *dim == d.head_dim)
-        .map(|(_, n)| *n)
-        .filter(|_| variant == "v3" && d.block_size.is_power_of_two());
-    let v2 = matches!(variant, "v2" | "v3") && V2_HEAD_DIMS.contains(&d.head_dim);
-    let v4 =
-        variant == "v4" && V4_HEAD_DIMS.contains(&d.head_dim) && d.block_size.is_power_of_two();
-    let (name, tile_n, block_m) = if v4 {
-        ("v4", 64, BLOCK_M)
-    } else if let Some(n) = v3_tile {
-        ("v3", n, V2_BLOCK_M)
-    } else if v2 {
-        ("v2", V2_TILE_N, V2_BLOCK_M)
-    } else {
-        ("v1", d.tile_n()?, BLOCK_M)
-    };
+    let (name, tile_n, block_m) = kernel_for(variant, d.head_dim, d.block_size)?;
     let smem = shared_bytes(d.head_dim, tile_n, block_m);
     let f = typed_function::<T>(
         gpu,
@@ -301,6 +285,40 @@ pub fn prefill_attention<T: Storage>(
     Ok(())
 }
 
+/// The compiled kernel a (variant, head_dim, block_size) runs: (variant of
+/// its entry point, keys per tile, query rows per block). A shape a variant
+/// has no kernel for runs the variant it builds on: v3 needs a power-of-two
+/// block size and head dim 64/96/128 (else v2, else v1), v4 the same (else
+/// v1), v2 head dim 64/96/128 (else v1). Unknown head dims are Unsupported.
+pub fn kernel_for(
+    variant: &str,
+    head_dim: usize,
+    block_size: usize,
+) -> Result<(&'static str, usize, usize)> {
+    let pow2 = block_size.is_power_of_two();
+    let v2 = V2_HEAD_DIMS.contains(&head_dim);
+    if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
+        return Ok(("v4", 64, BLOCK_M));
+    }
+    if variant == "v3" && pow2 {
+        if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
+            return Ok(("v3", n, V2_BLOCK_M));
+        }
+    }
+    if matches!(variant, "v2" | "v3") && v2 {
+        return Ok(("v2", V2_TILE_N, V2_BLOCK_M));
+    }
+    let tile_n = HEAD_DIMS
+        .iter()
+        .find(|(dim, _)| *dim == head_dim)
+        .map(|(_, n)| *n)
+        .ok_or_else(|| KernelError::Unsupported {
+            op: OP,
+            what: format!("head_dim {head_dim}"),
+        })?;
+    Ok(("v1", tile_n, BLOCK_M))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +340,30 @@ mod tests {
             shared_bytes(128, 64, 64),
             2 * (64 * 136 + 4 * 64 * 136) + 512
         );
+    }
+
+    #[test]
+    fn each_variant_runs_its_kernel_or_the_one_it_builds_on() {
+        let k = |v: &str, d: usize, bs: usize| kernel_for(v, d, bs).unwrap();
+        assert_eq!(k("v1", 128, 16), ("v1", 64, 64));
+        assert_eq!(k("v2", 128, 16), ("v2", 32, 128));
+        assert_eq!(k("v3", 128, 16), ("v3", 32, 128));
+        assert_eq!(k("v3", 64, 32), ("v3", 64, 128));
+        assert_eq!(k("v4", 96, 8), ("v4", 64, 64));
+        // Block sizes that are not powers of two: v3 -> v2, v4 -> v1.
+        assert_eq!(k("v3", 128, 24), ("v2", 32, 128));
+        assert_eq!(k("v4", 128, 24), ("v1", 64, 64));
+        // Head dims without a v2/v3/v4 kernel run v1.
+        assert_eq!(k("v3", 80, 16), ("v1", 64, 64));
+        assert_eq!(k("v4", 256, 16), ("v1", 32, 64));
+        assert!(kernel_for("v3", 72, 16).is_err());
+        // Every choice fits an A100 block's shared memory.
+        for v in VARIANTS {
+            for &(d, _) in HEAD_DIMS {
+                let (_, n, m) = k(v, d, 16);
+                assert!(shared_bytes(d, n, m) <= 163 * 1024, "{v} d{d}");
+            }
+        }
     }
 
     fn dims() -> PrefillAttentionDims {

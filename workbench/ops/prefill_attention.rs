@@ -287,6 +287,9 @@ impl Op for PrefillAttention {
             v.push(case(2, 14, 2, 64, 16, n, prefix, 0, Gen::Randn));
         }
         v.push(case(2, 12, 2, 128, 32, 50, 80, 0, Gen::Randn));
+        // A block size that is not a power of two: v3 runs v2's kernel and v4
+        // runs v1's (kernels::prefill_attention::kernel_for).
+        v.push(case(2, 12, 2, 128, 24, 90, 30, 1, Gen::Randn));
         // Ragged batches mixing lengths and prefixes.
         v.push(case(5, 14, 2, 64, 16, 200, 0, 1, Gen::Randn));
         v.push(case(5, 12, 2, 128, 32, 150, 120, 1, Gen::Randn));
