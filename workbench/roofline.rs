@@ -388,13 +388,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn run_record_round_trips_with_spreads() {
-        let c = Ceilings {
+    /// 3000 GB/s and 800 TFLOP/s, no measurement rows.
+    fn test_ceilings() -> Ceilings {
+        Ceilings {
             gb_per_s: 3000.0,
             tflop_per_s: 800.0,
             rows: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn run_record_round_trips_with_spreads() {
+        let c = test_ceilings();
         let mut ours = row("ours", "1.000");
         ours.spread = Some((0.95, 1.05));
         let prov = crate::report::Provenance {
@@ -446,11 +451,7 @@ mod tests {
 
     #[test]
     fn derive_and_verdicts() {
-        let c = Ceilings {
-            gb_per_s: 3000.0,
-            tflop_per_s: 800.0,
-            rows: vec![],
-        };
+        let c = test_ceilings();
         let mut ours = row("ours", "1.000");
         ours.derive(&c);
         assert_eq!(ours.gb_per_s, "3000.0");
@@ -482,11 +483,7 @@ mod tests {
         assert!(text.starts_with(
             "kernel,variant,case,dtype,impl,us,bytes,flops,gb_per_s,tflop_per_s,pct_of_ceiling"
         ));
-        let c = Ceilings {
-            gb_per_s: 3000.0,
-            tflop_per_s: 800.0,
-            rows: vec![],
-        };
+        let c = test_ceilings();
         let back = read_peers(&[p], &c).unwrap();
         assert_eq!(back[0].us(), Some(2.5));
         assert_eq!(back[0].gb_per_s, "1200.0");
