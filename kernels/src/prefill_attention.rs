@@ -68,26 +68,6 @@ pub struct PrefillAttentionDims {
 }
 
 impl PrefillAttentionDims {
-    /// Keys per tile for this head_dim, or Unsupported.
-    fn tile_n(&self) -> Result<usize> {
-        HEAD_DIMS
-            .iter()
-            .find(|(d, _)| *d == self.head_dim)
-            .map(|(_, n)| *n)
-            .ok_or_else(|| KernelError::Unsupported {
-                op: OP,
-                what: format!(
-                    "head_dim {} (compiled for {})",
-                    self.head_dim,
-                    HEAD_DIMS
-                        .iter()
-                        .map(|(d, _)| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })
-    }
-
     fn validate(&self) -> Result<()> {
         if self.q_heads % self.kv_heads.max(1) != 0 {
             return Err(KernelError::Unsupported {
@@ -98,7 +78,7 @@ impl PrefillAttentionDims {
                 ),
             });
         }
-        self.tile_n()?;
+        v1_tile_n(self.head_dim)?; // a compiled head_dim
         if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(KernelError::Unsupported {
                 op: OP,
@@ -308,15 +288,27 @@ pub fn kernel_for(
     if matches!(variant, "v2" | "v3") && v2 {
         return Ok(("v2", V2_TILE_N, V2_BLOCK_M));
     }
-    let tile_n = HEAD_DIMS
+    Ok(("v1", v1_tile_n(head_dim)?, BLOCK_M))
+}
+
+/// v1's keys per tile for a head_dim (the `PF_ENTRIES` table), or
+/// Unsupported naming the compiled head dims.
+fn v1_tile_n(head_dim: usize) -> Result<usize> {
+    HEAD_DIMS
         .iter()
-        .find(|(dim, _)| *dim == head_dim)
+        .find(|(d, _)| *d == head_dim)
         .map(|(_, n)| *n)
         .ok_or_else(|| KernelError::Unsupported {
             op: OP,
-            what: format!("head_dim {head_dim}"),
-        })?;
-    Ok(("v1", tile_n, BLOCK_M))
+            what: format!(
+                "head_dim {head_dim} (compiled for {})",
+                HEAD_DIMS
+                    .iter()
+                    .map(|(d, _)| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })
 }
 
 #[cfg(test)]
