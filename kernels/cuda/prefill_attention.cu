@@ -620,6 +620,349 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
     }
 }
 
+// ---------------------------------------------------------------------------
+// v5: the same tiles of work on Hopper's warpgroup MMA (wgmma, sm_90a only;
+// the host runs v3 elsewhere). mma.sync keeps v1-v4 issue-bound (CHALLENGES
+// #25): one m16n8k16 per instruction, and every operand fragment loaded by
+// ldmatrix. A wgmma m64nNk16 is one instruction for a 64 x N x 16 product
+// whose A and B the tensor cores read straight from shared memory.
+// - A CTA of 8 warps = 2 warpgroups owns 128 query rows; warpgroup w the 64
+//   rows 64w..64w+63, warp i of it rows 16i..16i+15 of those. Key tiles of
+//   BN tokens (128 for head dim 64; 64 for 128, where 128 spills 126 bytes
+//   at 255 registers), double-buffered with cp.async as in v3 (same
+//   block-table prefetch, shift/mask addressing, zero fill and bad flags).
+// - S = Q K^T: D/16 wgmma m64nBNk16, Q and K from shared memory (K-major).
+//   O += P V: BN/16 wgmma m64nDk16, P from registers (S's accumulators have
+//   mma.sync's C layout, so P packs to the A fragment exactly as in v3), V
+//   from shared memory read as the transposed (MN-major) operand.
+// - Online softmax, masks, NaN rules and the staged 16-byte output stores
+//   are v3's. Every sum still has a fixed order: bit-identical reruns.
+// Shared memory holds tiles in wgmma's no-swizzle layout: 8 rows x 16 bytes
+// form a 128-byte core matrix; a group of 8 rows is CH = D/8 core matrices
+// (chunk ch of the 8 rows at ch * 128 bytes), groups follow each other
+// (RG = CH * 128 bytes apart). 16-byte chunk i of a tile copy (row
+// (i % 8) + 8 (i / 8CH), chunk (i / 8) % CH) lands at byte 16 i: each
+// warp's cp.async writes 512 contiguous bytes, and 8 lanes read 8 tokens'
+// same chunk (2 full 32-byte sectors per token and instruction).
+//   q_s [BM/8][CH][8][8], k_s and v_s [2][BN/8][CH][8][8], bad_s [2][BN] int
+// D = 128, BN = 64: 32 KB + 64 KB + 0.5 KB; ptxas (sm_90a): 217 registers
+// (228 for D = 64, BN = 128), no spill: one CTA of 2 warpgroups per SM.
+// Descriptors (PTX ISA "Matrix Descriptor Format", no swizzle):
+//   Q, K (K-major):  leading byte offset 128 (next 8 columns), stride RG
+//                    (next 8 rows); k-step ks starts at +256 ks bytes.
+//   V (MN-major):    leading byte offset RG (next 8 keys), stride 128 (next
+//                    8 head-dim columns); k-step kk starts at +2 RG kk bytes.
+#include "wgmma.cuh"
+
+#define PF5_THREADS 256
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Shared-memory matrix descriptor: start address, leading and stride byte
+// offsets (each >> 4), no swizzle, base offset 0.
+__device__ __forceinline__ unsigned long long pf_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32);
+}
+
+// cp.async writes shared memory through the generic proxy; wgmma reads it
+// through the async proxy. Each thread fences its own landed copies before
+// the barrier that publishes them.
+__device__ __forceinline__ void pf_fence_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <typename T, int D, int BN>
+__device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restrict__ q,
+                                          const T* __restrict__ k_cache,
+                                          const T* __restrict__ v_cache,
+                                          const int* __restrict__ cu_seqlens_q,
+                                          const int* __restrict__ kv_lens,
+                                          const int* __restrict__ block_tables, float scale,
+                                          int total_q, int q_heads, int kv_heads, int block_size,
+                                          int max_blocks_per_seq, int num_blocks) {
+    constexpr int BM = 128;                     // query rows per CTA: 2 warpgroups x 64
+    constexpr int CH = D / 8;                   // 16-byte chunks per row
+    constexpr int RG = CH * 128;                // bytes per group of 8 rows
+    constexpr int NT_S = BN / 8;                // n8 tiles of S
+    constexpr int NT_O = D / 8;                 // n8 tiles of O
+    constexpr int NIT = BN * CH / PF5_THREADS;  // chunks of a K (or V) tile per thread
+    constexpr int QIT = BM * CH / PF5_THREADS;  // chunks of the Q tile per thread
+    static_assert(BN * CH % PF5_THREADS == 0 && BM * CH % PF5_THREADS == 0, "whole chunks");
+    typedef PfMma<T> Mma;
+    typedef PfWgmma<T, BN> WgS;
+    typedef PfWgmma<T, D> WgO;
+
+    extern __shared__ __align__(128) unsigned char pf5_smem[];
+    T* q_s = reinterpret_cast<T*>(pf5_smem);                 // [BM/8][CH][8][8]
+    T* k_s = q_s + BM * D;                                   // [2][BN/8][CH][8][8]
+    T* v_s = k_s + 2 * BN * D;                               // [2][BN/8][CH][8][8]
+    int* bad_s = reinterpret_cast<int*>(v_s + 2 * BN * D);   // [2][BN]
+
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int wg = tid >> 7, wwarp = (tid >> 5) & 3;   // warpgroup, warp in it
+    const int g = lane >> 2, c4 = lane & 3;
+    const int kvh = h / (q_heads / kv_heads);
+
+    const int q0_raw = cu_seqlens_q[b], q1_raw = cu_seqlens_q[b + 1];
+    const int lo = min(max(q0_raw, 0), total_q);
+    const int hi = min(max(q1_raw, lo), total_q);
+    const int q_len = hi - lo;
+    const int kv_len = kv_lens[b];
+    const bool ok = q0_raw == lo && q1_raw == hi && kv_len >= q_len &&
+                    (i64)kv_len <= (i64)max_blocks_per_seq * block_size && aligned16(q) &&
+                    aligned16(k_cache) && aligned16(v_cache) && aligned16(out);
+    const int n_m = (q_len + BM - 1) / BM;
+    const int ctx_off = kv_len - q_len;
+    const int* table = block_tables + (i64)b * max_blocks_per_seq;
+    const float sl2 = scale * PF_LOG2E;
+    const i64 row_stride = (i64)q_heads * D;
+    const int bs_shift = 31 - __clz(block_size), bs_mask = block_size - 1;
+    const int tok_stride = kv_heads * D;
+    const i64 blk_stride = (i64)block_size * tok_stride;
+
+    for (int slot = blockIdx.z; slot < n_m; slot += gridDim.z) {
+        const int m0 = (n_m - 1 - slot) * BM;
+        const int rows = min(BM, q_len - m0);
+        if (!ok) {
+            for (int i = tid; i < rows * D; i += PF5_THREADS) {
+                const int r = i / D, d = i - r * D;
+                out[(lo + m0 + r) * row_stride + (i64)h * D + d] = from_f32<T>(WB_NAN);
+            }
+            continue;
+        }
+
+        // Q tile: chunk i -> row (i % 8) + 8 (i / 8CH), chunk (i / 8) % CH, byte 16 i.
+        const T* q_tile = q + (lo + m0) * row_stride + (i64)h * D;
+#pragma unroll
+        for (int it = 0; it < QIT; ++it) {
+            const int i = tid + it * PF5_THREADS;
+            const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
+            const bool live = r < rows;
+            pf_cp_async16(pf_smem_addr(q_s + i * 8), live ? q_tile + r * row_stride + ch * 8 : q, live);
+        }
+
+        int blk_next[NIT];
+        auto fetch_blocks = [&](int j) {
+#pragma unroll
+            for (int it = 0; it < NIT; ++it) {
+                const int i = tid + it * PF5_THREADS;
+                const int tok = j * BN + (i & 7) + (i / (8 * CH)) * 8;
+                blk_next[it] = tok < kv_len ? table[tok >> bs_shift] : 0;
+            }
+        };
+        auto issue_kv = [&](int j, int st) -> bool {
+            bool bad = false;
+            T* ks = k_s + st * BN * D;
+            T* vs = v_s + st * BN * D;
+#pragma unroll
+            for (int it = 0; it < NIT; ++it) {
+                const int i = tid + it * PF5_THREADS;
+                const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
+                const int tok = j * BN + r;
+                const int blk = blk_next[it];
+                const bool in_ctx = tok < kv_len;
+                const bool blk_bad = in_ctx && (blk < 0 || blk >= num_blocks);
+                const bool live = in_ctx && !blk_bad;
+                const i64 off = (i64)blk * blk_stride + (tok & bs_mask) * tok_stride + kvh * D + ch * 8;
+                if (ch == 0) bad_s[st * BN + r] = blk_bad;
+                bad |= blk_bad;
+                pf_cp_async16(pf_smem_addr(ks + i * 8), live ? k_cache + off : k_cache, live);
+                pf_cp_async16(pf_smem_addr(vs + i * 8), live ? v_cache + off : v_cache, live);
+            }
+            return bad;
+        };
+
+        const int kv_last = ctx_off + m0 + rows - 1;
+        const int n_tiles = kv_last / BN + 1;
+        fetch_blocks(0);
+        bool bad_cur = issue_kv(0, 0), bad_next = false;
+        if (n_tiles > 1) fetch_blocks(1);
+        pf_cp_async_commit();
+
+        // This warpgroup's rows wrow..wrow+63; this thread's two rows sit at
+        // positions pos_a (row g of its warp's 16) and pos_a + 8.
+        const int wrow = wg * 64;
+        const bool wg_live = wrow < rows;
+        const int wpos_min = ctx_off + m0 + wrow, wpos_max = wpos_min + 63;
+        const int pos_a = wpos_min + wwarp * 16 + g;
+        const unsigned q_base = pf_smem_addr(q_s) + wg * 8 * RG;   // 8 row groups a warpgroup
+
+        float m_r[2] = {WB_NEG_INF, WB_NEG_INF};
+        float l_r[2] = {0.f, 0.f};
+        bool row_bad[2] = {false, false};
+        float o[D / 2];   // O [64][D] of the warpgroup, wgmma accumulator layout
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+
+        for (int j = 0; j < n_tiles; ++j) {
+            const int st = j & 1;
+            if (j + 1 < n_tiles) {
+                bad_next = issue_kv(j + 1, st ^ 1);
+                if (j + 2 < n_tiles) fetch_blocks(j + 2);
+                pf_cp_async_commit();
+                pf_cp_async_wait<1>();
+            } else {
+                pf_cp_async_wait<0>();
+            }
+            pf_fence_async_shared();
+            const bool tile_bad = __syncthreads_or(bad_cur) != 0;
+            bad_cur = bad_next;
+            const int n0 = j * BN;
+
+            // Warpgroup-uniform (wgmma is issued by all 128 threads together):
+            // skip padding warpgroups and tiles wholly above their diagonal.
+            if (wg_live && n0 <= wpos_max) {
+                float s[BN / 2];   // S [64][BN]
+                const unsigned k_base = pf_smem_addr(k_s + st * BN * D);
+                pf_wg_fence();
+#pragma unroll
+                for (int ks = 0; ks < D / 16; ++ks)
+                    WgS::ss(s, pf_desc(q_base + ks * 256, 128, RG), pf_desc(k_base + ks * 256, 128, RG),
+                            ks > 0);
+                pf_wg_commit();
+                pf_wg_wait<0>();
+                pf_wg_hold(s);
+
+                if (n0 + BN - 1 > pos_a - g || tile_bad) {   // some row of the warp sees the diagonal
+#pragma unroll
+                    for (int nt = 0; nt < NT_S; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int col = n0 + nt * 8 + 2 * c4 + (e & 1);
+                            const int pos = pos_a + (e < 2 ? 0 : 8);
+                            if (col > pos) {
+                                s[4 * nt + e] = WB_NEG_INF;
+                            } else if (tile_bad && bad_s[st * BN + col - n0]) {
+                                s[4 * nt + e] = WB_NEG_INF;
+                                row_bad[e >> 1] = true;
+                            }
+                        }
+                    }
+                }
+
+                float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+                for (int nt = 0; nt < NT_S; ++nt) {
+                    mx[0] = fmaxf(mx[0], fmaxf(s[4 * nt], s[4 * nt + 1]));
+                    mx[1] = fmaxf(mx[1], fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+                }
+                float corr[2], mb[2];
+                bool grew = false;
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                    mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
+                    const bool up = mx[i] > m_r[i];
+                    grew |= up;
+                    corr[i] = !up ? 1.f : (m_r[i] == WB_NEG_INF ? 0.f : pf_exp2<true>(m_r[i] * sl2 - mb[i]));
+                    m_r[i] = mx[i];
+                }
+                float rs[2] = {0.f, 0.f};
+#pragma unroll
+                for (int nt = 0; nt < NT_S; ++nt) {
+                    s[4 * nt] = pf_exp2<true>(fmaf(s[4 * nt], sl2, -mb[0]));
+                    s[4 * nt + 1] = pf_exp2<true>(fmaf(s[4 * nt + 1], sl2, -mb[0]));
+                    s[4 * nt + 2] = pf_exp2<true>(fmaf(s[4 * nt + 2], sl2, -mb[1]));
+                    s[4 * nt + 3] = pf_exp2<true>(fmaf(s[4 * nt + 3], sl2, -mb[1]));
+                    rs[0] += s[4 * nt] + s[4 * nt + 1];
+                    rs[1] += s[4 * nt + 2] + s[4 * nt + 3];
+                }
+                l_r[0] = l_r[0] * corr[0] + rs[0];
+                l_r[1] = l_r[1] * corr[1] + rs[1];
+                if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+                    for (int nt = 0; nt < NT_O; ++nt) {
+                        o[4 * nt] *= corr[0];
+                        o[4 * nt + 1] *= corr[0];
+                        o[4 * nt + 2] *= corr[1];
+                        o[4 * nt + 3] *= corr[1];
+                    }
+                }
+
+                // O += P V, P's A fragments packed from S's accumulators.
+                const unsigned v_base = pf_smem_addr(v_s + st * BN * D);
+                unsigned a[BN / 16][4];
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk) {
+                    a[kk][0] = Mma::pack(s[8 * kk], s[8 * kk + 1]);
+                    a[kk][1] = Mma::pack(s[8 * kk + 2], s[8 * kk + 3]);
+                    a[kk][2] = Mma::pack(s[8 * kk + 4], s[8 * kk + 5]);
+                    a[kk][3] = Mma::pack(s[8 * kk + 6], s[8 * kk + 7]);
+                }
+                pf_wg_hold(o);
+                pf_wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < BN / 16; ++kk)
+                    WgO::rs_tb(o, a[kk], pf_desc(v_base + kk * 2 * RG, RG, 128), 1);
+                pf_wg_commit();
+                pf_wg_wait<0>();
+                pf_wg_hold(o);
+            }
+            __syncthreads();   // buffer st is refilled with tile j+2 next iteration
+        }
+
+        if (wg_live) {
+            float inv[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                float l = l_r[i];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                int bad = row_bad[i];
+                bad |= __shfl_xor_sync(0xffffffffu, bad, 1);
+                bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
+                inv[i] = bad ? WB_NAN : (l > 0.f ? 1.f / l : 0.f);
+            }
+            // Stage the warp's 16 rows (two groups of 8) in its own rows of
+            // q_s, in the same core-matrix layout, then store 16 bytes a lane.
+            const int trow = wrow + wwarp * 16;
+            T* os = q_s + trow * D;   // 2 row groups: [2][CH][8][8]
+            __syncwarp();
+#pragma unroll
+            for (int nt = 0; nt < NT_O; ++nt) {
+                const int e0 = nt * 64 + g * 8 + 2 * c4;
+                *reinterpret_cast<unsigned*>(os + e0) = Mma::pack(o[4 * nt] * inv[0], o[4 * nt + 1] * inv[0]);
+                *reinterpret_cast<unsigned*>(os + CH * 64 + e0) =
+                    Mma::pack(o[4 * nt + 2] * inv[1], o[4 * nt + 3] * inv[1]);
+            }
+            __syncwarp();
+            for (int i = lane; i < 16 * CH; i += 32) {
+                const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
+                if (trow + r < rows)
+                    store16(out + (lo + m0 + trow + r) * row_stride + (i64)h * D + ch * 8, load16(os + i * 8));
+            }
+        }
+        __syncthreads();
+    }
+}
+#endif
+
+// prefill_attention_v5_d{D}_{bf16,f16}: sm_90a only (the host launches v5
+// nowhere else; on other targets the body traps).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PF5_BODY(T, D, BN)                                                                          \
+    prefill_attention_wg_impl<T, D, BN>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
+                                        block_tables, scale, total_q, q_heads, kv_heads,            \
+                                        block_size, max_blocks_per_seq, num_blocks);
+#else
+#define PF5_BODY(T, D, BN) __trap();
+#endif
+#define PF5_ENTRY(T, S, D, BN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(PF5_THREADS, 1)                                    \
+        prefill_attention_v5_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
+                                         const int* cu_seqlens_q, const int* kv_lens,               \
+                                         const int* block_tables, float scale, int total_q,         \
+                                         int q_heads, int kv_heads, int block_size,                 \
+                                         int max_blocks_per_seq, int num_blocks) {                  \
+        PF5_BODY(T, D, BN)                                                                          \
+    }
+PF5_ENTRY(__nv_bfloat16, bf16, 64, 128)
+PF5_ENTRY(__nv_bfloat16, bf16, 128, 64)
+PF5_ENTRY(__half, f16, 64, 128)
+PF5_ENTRY(__half, f16, 128, 64)
+
 // One entry point per (variant, head_dim, storage type):
 // prefill_attention_{v1,v2,v3}_d{D}_{bf16,f16}. The host
 // (src/prefill_attention.rs) keeps the same (D, BN) tables.

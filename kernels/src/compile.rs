@@ -29,6 +29,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Headers a source may `#include "<name>"`: cudarc hands NVRTC no header
+/// files, so [`full_source`] splices each one in where it is included.
+pub const HEADERS: &[(&str, &str)] = &[("wgmma.cuh", include_str!("../cuda/wgmma.cuh"))];
+
 /// Measurement helpers (random fills, the copy-kernel bandwidth ceiling):
 /// compiled and tested like the kernels, but not in the kernel registry.
 pub const UTIL_SOURCES: &[(&str, &str)] = &[("util", include_str!("../cuda/util.cu"))];
@@ -42,7 +46,33 @@ pub fn full_source(stem: &str) -> Result<String> {
     let (_, src) = all_sources()
         .find(|(s, _)| *s == stem)
         .ok_or_else(|| KernelError::UnknownSource(stem.to_string()))?;
-    Ok(format!("{COMMON}\n#line 1 \"{stem}.cu\"\n{src}"))
+    Ok(format!(
+        "{COMMON}\n#line 1 \"{stem}.cu\"\n{}",
+        splice_headers(stem, src)
+    ))
+}
+
+/// `src` with each `#include "<name>"` of a [`HEADERS`] entry replaced by
+/// the header's text; `#line` keeps compiler messages pointing at the right
+/// file and line.
+fn splice_headers(stem: &str, src: &str) -> String {
+    let mut text = String::with_capacity(src.len());
+    for (i, line) in src.lines().enumerate() {
+        let header = HEADERS
+            .iter()
+            .find(|(name, _)| line.trim() == format!("#include \"{name}\""));
+        match header {
+            Some((name, body)) => text.push_str(&format!(
+                "#line 1 \"{name}\"\n{body}\n#line {} \"{stem}.cu\"\n",
+                i + 2
+            )),
+            None => {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    text
 }
 
 /// The NVRTC target for a compute capability: the arch-specific `a` form on
@@ -120,6 +150,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_included_header_is_spliced_in_and_lines_keep_their_numbers() {
+        let out = splice_headers("x", "a\n#include \"wgmma.cuh\"\nb\n");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "a");
+        assert_eq!(lines[1], "#line 1 \"wgmma.cuh\"");
+        assert!(out.contains("struct PfWgmma"));
+        // "b" is line 3 of x.cu.
+        assert_eq!(lines[lines.len() - 2], "#line 3 \"x.cu\"");
+        assert_eq!(lines[lines.len() - 1], "b");
+        // Other includes are left for NVRTC.
+        assert_eq!(
+            splice_headers("x", "#include <cuda_bf16.h>\n"),
+            "#include <cuda_bf16.h>\n"
+        );
+    }
+
+    #[test]
     fn arch_names() {
         assert_eq!(arch_for(9, 0), "sm_90a");
         assert_eq!(arch_for(8, 0), "sm_80");
@@ -133,6 +180,9 @@ mod tests {
             assert!(full.starts_with("// common.cuh"));
             assert!(full.contains(&format!("#line 1 \"{stem}.cu\"")));
         }
+        let pf = full_source("prefill_attention").unwrap();
+        assert!(!pf.contains("#include \"wgmma.cuh\""));
+        assert!(pf.contains("struct PfWgmma"));
         assert!(matches!(
             full_source("nope"),
             Err(KernelError::UnknownSource(_))

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5"];
 pub const PRODUCTION: &str = "v3";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
@@ -33,6 +33,15 @@ pub const V3_TILES: &[(usize, usize)] = &[(64, 64), (96, 32), (128, 32)];
 /// v4: v3's savings on v1's tiles (64 query rows, 64 keys); power-of-two
 /// block sizes, others run v1.
 pub const V4_HEAD_DIMS: &[usize] = &[64, 96, 128];
+/// v5: warpgroup MMA (wgmma) on sm_90a, 2 warpgroups of 128 threads and 128
+/// query rows a block, tiles in wgmma's no-swizzle layout (no padding); the
+/// keys per tile by head dim. Power-of-two block sizes; other shapes and
+/// other GPUs run v3's choice.
+pub const V5_TILES: &[(usize, usize)] = &[(64, 128), (128, 64)];
+const V5_BLOCK_M: usize = 128;
+const V5_THREADS: u32 = 256;
+/// The NVRTC target v5 is compiled for (wgmma is sm_90a only).
+pub const V5_ARCH: &str = "sm_90a";
 /// Grid y and z are 16-bit on the device.
 const GRID_YZ_MAX: usize = 65535;
 
@@ -46,6 +55,31 @@ pub const HEAD_DIMS: &[(usize, usize)] = &[(64, 64), (80, 64), (96, 64), (128, 6
 pub fn shared_bytes(head_dim: usize, tile_n: usize, block_m: usize) -> usize {
     let ld = head_dim + 8;
     2 * (block_m * ld + 4 * tile_n * ld) + 4 * 2 * tile_n
+}
+
+/// The compiled kernel one launch runs (see [`kernel_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PfKernel {
+    /// The variant of its entry point (`prefill_attention_{name}_d{D}_{dtype}`).
+    pub name: &'static str,
+    /// Keys per tile.
+    pub tile_n: usize,
+    /// Query rows per block.
+    pub block_m: usize,
+    pub threads: u32,
+}
+
+impl PfKernel {
+    /// Dynamic shared memory of one block for `head_dim`: v5's tiles are
+    /// unpadded (Q, two K and two V tiles, flags); the others' rows carry 8
+    /// elements of padding ([`shared_bytes`]).
+    pub fn shared_bytes(&self, head_dim: usize) -> usize {
+        if self.name == "v5" {
+            2 * (self.block_m * head_dim + 4 * self.tile_n * head_dim) + 4 * 2 * self.tile_n
+        } else {
+            shared_bytes(head_dim, self.tile_n, self.block_m)
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -205,16 +239,22 @@ pub fn prefill_attention<T: Storage>(
             0,
         ));
     }
-    let (name, tile_n, block_m) = kernel_for(variant, d.head_dim, d.block_size)?;
-    let smem = shared_bytes(d.head_dim, tile_n, block_m);
+    let kernel = kernel_for(
+        variant,
+        d.head_dim,
+        d.block_size,
+        gpu.info().arch == V5_ARCH,
+    )?;
+    let smem = kernel.shared_bytes(d.head_dim);
     let f = typed_function::<T>(
         gpu,
         "prefill_attention",
-        &format!("prefill_attention_{name}_d{}", d.head_dim),
+        &format!("prefill_attention_{}_d{}", kernel.name, d.head_dim),
     )?;
     if smem > 48 * 1024 {
         // Above 48 KB a kernel must opt in to dynamic shared memory (A100:
-        // up to 163 KB per block, H100: 227 KB; the largest here is ~99 KB).
+        // up to 163 KB per block, H100: 227 KB; the largest here is v5's
+        // ~97 KB, v1-v4's ~99 KB).
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
@@ -227,7 +267,7 @@ pub fn prefill_attention<T: Storage>(
         grid_u32(
             OP,
             "max_q_len / rows per block",
-            d.max_q_len.div_ceil(block_m),
+            d.max_q_len.div_ceil(kernel.block_m),
         )?,
     );
     let scale = d.scale;
@@ -257,7 +297,7 @@ pub fn prefill_attention<T: Storage>(
             .arg(&num_blocks)
             .launch(LaunchConfig {
                 grid_dim: grid,
-                block_dim: (THREADS, 1, 1),
+                block_dim: (kernel.threads, 1, 1),
                 shared_mem_bytes: smem as u32,
             })
     }
@@ -265,30 +305,46 @@ pub fn prefill_attention<T: Storage>(
     Ok(())
 }
 
-/// The compiled kernel a (variant, head_dim, block_size) runs: (variant of
-/// its entry point, keys per tile, query rows per block). A shape a variant
-/// has no kernel for runs the variant it builds on: v3 needs a power-of-two
-/// block size and head dim 64/96/128 (else v2, else v1), v4 the same (else
-/// v1), v2 head dim 64/96/128 (else v1). Unknown head dims are Unsupported.
+/// The compiled kernel a (variant, head_dim, block_size) runs on a GPU with
+/// (`hopper`) or without sm_90a's wgmma. A shape a variant has no kernel for
+/// runs the variant it builds on: v5 needs sm_90a, a power-of-two block size
+/// and head dim 64/128 (else v3's choice); v3 a power-of-two block size and
+/// head dim 64/96/128 (else v2, else v1), v4 the same (else v1), v2 head dim
+/// 64/96/128 (else v1). Unknown head dims are Unsupported.
 pub fn kernel_for(
     variant: &str,
     head_dim: usize,
     block_size: usize,
-) -> Result<(&'static str, usize, usize)> {
+    hopper: bool,
+) -> Result<PfKernel> {
     let pow2 = block_size.is_power_of_two();
     let v2 = V2_HEAD_DIMS.contains(&head_dim);
-    if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
-        return Ok(("v4", 64, BLOCK_M));
-    }
-    if variant == "v3" && pow2 {
-        if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
-            return Ok(("v3", n, V2_BLOCK_M));
+    let k = |name, tile_n, block_m| PfKernel {
+        name,
+        tile_n,
+        block_m,
+        threads: THREADS,
+    };
+    if variant == "v5" && hopper && pow2 {
+        if let Some(&(_, n)) = V5_TILES.iter().find(|(dim, _)| *dim == head_dim) {
+            return Ok(PfKernel {
+                threads: V5_THREADS,
+                ..k("v5", n, V5_BLOCK_M)
+            });
         }
     }
-    if matches!(variant, "v2" | "v3") && v2 {
-        return Ok(("v2", V2_TILE_N, V2_BLOCK_M));
+    if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
+        return Ok(k("v4", 64, BLOCK_M));
     }
-    Ok(("v1", v1_tile_n(head_dim)?, BLOCK_M))
+    if matches!(variant, "v3" | "v5") && pow2 {
+        if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
+            return Ok(k("v3", n, V2_BLOCK_M));
+        }
+    }
+    if matches!(variant, "v2" | "v3" | "v5") && v2 {
+        return Ok(k("v2", V2_TILE_N, V2_BLOCK_M));
+    }
+    Ok(k("v1", v1_tile_n(head_dim)?, BLOCK_M))
 }
 
 /// v1's keys per tile for a head_dim (the `PF_ENTRIES` table), or
@@ -336,26 +392,46 @@ mod tests {
 
     #[test]
     fn each_variant_runs_its_kernel_or_the_one_it_builds_on() {
-        let k = |v: &str, d: usize, bs: usize| kernel_for(v, d, bs).unwrap();
-        assert_eq!(k("v1", 128, 16), ("v1", 64, 64));
-        assert_eq!(k("v2", 128, 16), ("v2", 32, 128));
-        assert_eq!(k("v3", 128, 16), ("v3", 32, 128));
-        assert_eq!(k("v3", 64, 32), ("v3", 64, 128));
-        assert_eq!(k("v4", 96, 8), ("v4", 64, 64));
-        // Block sizes that are not powers of two: v3 -> v2, v4 -> v1.
-        assert_eq!(k("v3", 128, 24), ("v2", 32, 128));
-        assert_eq!(k("v4", 128, 24), ("v1", 64, 64));
-        // Head dims without a v2/v3/v4 kernel run v1.
-        assert_eq!(k("v3", 80, 16), ("v1", 64, 64));
-        assert_eq!(k("v4", 256, 16), ("v1", 32, 64));
-        assert!(kernel_for("v3", 72, 16).is_err());
-        // Every choice fits an A100 block's shared memory.
+        let k = |v: &str, d: usize, bs: usize, hopper: bool| {
+            let k = kernel_for(v, d, bs, hopper).unwrap();
+            (k.name, k.tile_n, k.block_m)
+        };
+        for hopper in [false, true] {
+            assert_eq!(k("v1", 128, 16, hopper), ("v1", 64, 64));
+            assert_eq!(k("v2", 128, 16, hopper), ("v2", 32, 128));
+            assert_eq!(k("v3", 128, 16, hopper), ("v3", 32, 128));
+            assert_eq!(k("v3", 64, 32, hopper), ("v3", 64, 128));
+            assert_eq!(k("v4", 96, 8, hopper), ("v4", 64, 64));
+            // Block sizes that are not powers of two: v3 -> v2, v4 -> v1, v5 -> v2.
+            assert_eq!(k("v3", 128, 24, hopper), ("v2", 32, 128));
+            assert_eq!(k("v4", 128, 24, hopper), ("v1", 64, 64));
+            assert_eq!(k("v5", 128, 24, hopper), ("v2", 32, 128));
+            // Head dims without a v2/v3/v4 kernel run v1.
+            assert_eq!(k("v3", 80, 16, hopper), ("v1", 64, 64));
+            assert_eq!(k("v4", 256, 16, hopper), ("v1", 32, 64));
+            assert_eq!(k("v5", 256, 16, hopper), ("v1", 32, 64));
+            // v5's head dims without a v5 kernel run v3.
+            assert_eq!(k("v5", 96, 16, hopper), ("v3", 32, 128));
+            assert!(kernel_for("v3", 72, 16, hopper).is_err());
+        }
+        // v5 only where wgmma is: elsewhere v3's kernel.
+        assert_eq!(k("v5", 128, 16, true), ("v5", 64, 128));
+        assert_eq!(k("v5", 64, 16, true), ("v5", 128, 128));
+        assert_eq!(k("v5", 128, 16, false), ("v3", 32, 128));
+        assert_eq!(kernel_for("v5", 64, 16, true).unwrap().threads, 256);
+        // Every choice fits an A100 block's shared memory (v5 an H100's).
         for v in VARIANTS {
             for &(d, _) in HEAD_DIMS {
-                let (_, n, m) = k(v, d, 16);
-                assert!(shared_bytes(d, n, m) <= 163 * 1024, "{v} d{d}");
+                for hopper in [false, true] {
+                    let kernel = kernel_for(v, d, 16, hopper).unwrap();
+                    let limit = if hopper { 227 } else { 163 } * 1024;
+                    assert!(kernel.shared_bytes(d) <= limit, "{v} d{d}");
+                }
             }
         }
+        // v5 d128: Q 128 x 128 + 4 tiles of 64 x 128 bf16, unpadded, plus 2 x 64 flags.
+        let v5 = kernel_for("v5", 128, 16, true).unwrap();
+        assert_eq!(v5.shared_bytes(128), 2 * (128 * 128 + 4 * 64 * 128) + 512);
     }
 
     fn dims() -> PrefillAttentionDims {

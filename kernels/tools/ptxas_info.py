@@ -4,7 +4,11 @@ root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 cuda = root + "/.ci/cuda/nvidia/cu13"
 lib = ctypes.CDLL(cuda + "/lib/libnvrtc.so.13")
 stem = sys.argv[1]; arch = sys.argv[2] if len(sys.argv) > 2 else "sm_90a"
-src = open(root + "/kernels/cuda/common.cuh").read() + f'\n#line 1 "{stem}.cu"\n' + open(root + f"/kernels/cuda/{stem}.cu").read()
+def splice(line):  # as kernels/src/compile.rs does for its HEADERS
+    name = line.strip()[len('#include "'):-1] if line.strip().startswith('#include "') else None
+    return open(root + f"/kernels/cuda/{name}").read() if name else line
+body = "\n".join(splice(l) for l in open(root + f"/kernels/cuda/{stem}.cu").read().split("\n"))
+src = open(root + "/kernels/cuda/common.cuh").read() + f'\n#line 1 "{stem}.cu"\n' + body
 prog = ctypes.c_void_p()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{stem}.cu".encode(), 0, None, None) == 0
 opts = [f"--gpu-architecture={arch}", "--std=c++17", f"-I{cuda}/include", "--ptxas-options=-v"] + sys.argv[3:]

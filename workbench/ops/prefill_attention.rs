@@ -66,6 +66,11 @@ Variant {
     name: "v4",
     note: "v3's savings on v1's tiles (64 query rows, 16 a warp, 64-key tiles, Q in registers): half v3's barriers and votes per key at 0.5 instead of 0.375 shared-memory reads per MMA; power-of-two block sizes, others run v1; on the H100 (2026-11-26) 0.84-0.89x v3 at 4096-16384 tokens, 1.03x at 16 x 1024 (head dim 64)",
     production: false,
+},
+Variant {
+    name: "v5",
+    note: "v3's algorithm on Hopper's warpgroup MMA (wgmma, sm_90a): 2 warpgroups x 64 query rows a block, S = Q K^T with Q and K read by the tensor cores from shared memory (no-swizzle core-matrix layout), O += P V with P from registers and V as the transposed operand; 128-key tiles for head dim 64, 64 for 128; other GPUs, block sizes and head dims run v3's choice",
+    production: false,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
@@ -287,8 +292,8 @@ impl Op for PrefillAttention {
             v.push(case(2, 14, 2, 64, 16, n, prefix, 0, Gen::Randn));
         }
         v.push(case(2, 12, 2, 128, 32, 50, 80, 0, Gen::Randn));
-        // A block size that is not a power of two: v3 runs v2's kernel and v4
-        // runs v1's (kernels::prefill_attention::kernel_for).
+        // A block size that is not a power of two: v3 and v5 run v2's kernel
+        // and v4 runs v1's (kernels::prefill_attention::kernel_for).
         v.push(case(2, 12, 2, 128, 24, 90, 30, 1, Gen::Randn));
         // Ragged batches mixing lengths and prefixes.
         v.push(case(5, 14, 2, 64, 16, 200, 0, 1, Gen::Randn));
