@@ -654,7 +654,6 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
 //                    8 head-dim columns); k-step kk starts at +2 RG kk bytes.
 #include "wgmma.cuh"
 
-#define PF5_THREADS 256
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Shared-memory matrix descriptor: start address, leading and stride byte
@@ -671,7 +670,9 @@ __device__ __forceinline__ void pf_fence_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <typename T, int D, int BN>
+// NWG warpgroups a CTA (v5: 2, v6: 1); QREG: Q's A fragments in registers
+// (wgmma with A from registers for S = Q K^T: shared memory then serves K only).
+template <typename T, int D, int BN, int NWG, bool QREG>
 __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k_cache,
                                           const T* __restrict__ v_cache,
@@ -680,14 +681,15 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
                                           const int* __restrict__ block_tables, float scale,
                                           int total_q, int q_heads, int kv_heads, int block_size,
                                           int max_blocks_per_seq, int num_blocks) {
-    constexpr int BM = 128;                     // query rows per CTA: 2 warpgroups x 64
+    constexpr int NTH = 128 * NWG;              // threads
+    constexpr int BM = 64 * NWG;                // query rows per CTA: 64 a warpgroup
     constexpr int CH = D / 8;                   // 16-byte chunks per row
     constexpr int RG = CH * 128;                // bytes per group of 8 rows
     constexpr int NT_S = BN / 8;                // n8 tiles of S
     constexpr int NT_O = D / 8;                 // n8 tiles of O
-    constexpr int NIT = BN * CH / PF5_THREADS;  // chunks of a K (or V) tile per thread
-    constexpr int QIT = BM * CH / PF5_THREADS;  // chunks of the Q tile per thread
-    static_assert(BN * CH % PF5_THREADS == 0 && BM * CH % PF5_THREADS == 0, "whole chunks");
+    constexpr int NIT = BN * CH / NTH;  // chunks of a K (or V) tile per thread
+    constexpr int QIT = BM * CH / NTH;  // chunks of the Q tile per thread
+    static_assert(BN * CH % NTH == 0 && BM * CH % NTH == 0, "whole chunks");
     typedef PfMma<T> Mma;
     typedef PfWgmma<T, BN> WgS;
     typedef PfWgmma<T, D> WgO;
@@ -725,7 +727,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
         const int m0 = (n_m - 1 - slot) * BM;
         const int rows = min(BM, q_len - m0);
         if (!ok) {
-            for (int i = tid; i < rows * D; i += PF5_THREADS) {
+            for (int i = tid; i < rows * D; i += NTH) {
                 const int r = i / D, d = i - r * D;
                 out[(lo + m0 + r) * row_stride + (i64)h * D + d] = from_f32<T>(WB_NAN);
             }
@@ -736,7 +738,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
         const T* q_tile = q + (lo + m0) * row_stride + (i64)h * D;
 #pragma unroll
         for (int it = 0; it < QIT; ++it) {
-            const int i = tid + it * PF5_THREADS;
+            const int i = tid + it * NTH;
             const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
             const bool live = r < rows;
             pf_cp_async16(pf_smem_addr(q_s + i * 8), live ? q_tile + r * row_stride + ch * 8 : q, live);
@@ -746,7 +748,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
         auto fetch_blocks = [&](int j) {
 #pragma unroll
             for (int it = 0; it < NIT; ++it) {
-                const int i = tid + it * PF5_THREADS;
+                const int i = tid + it * NTH;
                 const int tok = j * BN + (i & 7) + (i / (8 * CH)) * 8;
                 blk_next[it] = tok < kv_len ? table[tok >> bs_shift] : 0;
             }
@@ -757,7 +759,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
             T* vs = v_s + st * BN * D;
 #pragma unroll
             for (int it = 0; it < NIT; ++it) {
-                const int i = tid + it * PF5_THREADS;
+                const int i = tid + it * NTH;
                 const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
                 const int tok = j * BN + r;
                 const int blk = blk_next[it];
@@ -791,6 +793,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
         float m_r[2] = {WB_NEG_INF, WB_NEG_INF};
         float l_r[2] = {0.f, 0.f};
         bool row_bad[2] = {false, false};
+        unsigned qf[QREG ? D / 16 : 1][4];   // QREG: Q [16 rows of the warp][D], A fragments
         float o[D / 2];   // O [64][D] of the warpgroup, wgmma accumulator layout
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -812,14 +815,29 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 
             // Warpgroup-uniform (wgmma is issued by all 128 threads together):
             // skip padding warpgroups and tiles wholly above their diagonal.
+            if constexpr (QREG) {
+                // ldmatrix x4 per k-step: lanes 0-15 give rows 0-15 of the
+                // warp's tile at chunk 2 ks, lanes 16-31 at chunk 2 ks + 1
+                // (matrices a0..a3 as in v3); each matrix is one core matrix.
+                if (j == 0 && wg_live) {
+                    const int r = wwarp * 16 + (lane & 15);
+#pragma unroll
+                    for (int ks = 0; ks < D / 16; ++ks)
+                        pf_ldsm_x4(qf[ks], q_base + (r >> 3) * RG + (2 * ks + (lane >> 4)) * 128 + (r & 7) * 16);
+                }
+            }
             if (wg_live && n0 <= wpos_max) {
                 float s[BN / 2];   // S [64][BN]
                 const unsigned k_base = pf_smem_addr(k_s + st * BN * D);
                 pf_wg_fence();
 #pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks)
-                    WgS::ss(s, pf_desc(q_base + ks * 256, 128, RG), pf_desc(k_base + ks * 256, 128, RG),
-                            ks > 0);
+                for (int ks = 0; ks < D / 16; ++ks) {
+                    if constexpr (QREG)
+                        WgS::rs(s, qf[ks], pf_desc(k_base + ks * 256, 128, RG), ks > 0);
+                    else
+                        WgS::ss(s, pf_desc(q_base + ks * 256, 128, RG), pf_desc(k_base + ks * 256, 128, RG),
+                                ks > 0);
+                }
                 pf_wg_commit();
                 pf_wg_wait<0>();
                 pf_wg_hold(s);
@@ -939,29 +957,33 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 }
 #endif
 
-// prefill_attention_v5_d{D}_{bf16,f16}: sm_90a only (the host launches v5
-// nowhere else; on other targets the body traps).
+// prefill_attention_{v5,v6}_d{D}_{bf16,f16}: sm_90a only (the host launches
+// them nowhere else; on other targets the body traps). MINB: CTAs per SM
+// the registers must allow (v6 runs 2-3 independent warpgroups per SM).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define PF5_BODY(T, D, BN)                                                                          \
-    prefill_attention_wg_impl<T, D, BN>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
-                                        block_tables, scale, total_q, q_heads, kv_heads,            \
-                                        block_size, max_blocks_per_seq, num_blocks);
+#define PF5_BODY(T, D, BN, NWG, QREG)                                                               \
+    prefill_attention_wg_impl<T, D, BN, NWG, QREG>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens, \
+                                                   block_tables, scale, total_q, q_heads, kv_heads, \
+                                                   block_size, max_blocks_per_seq, num_blocks);
 #else
-#define PF5_BODY(T, D, BN) __trap();
+#define PF5_BODY(T, D, BN, NWG, QREG) __trap();
 #endif
-#define PF5_ENTRY(T, S, D, BN)                                                                      \
-    extern "C" __global__ void __launch_bounds__(PF5_THREADS, 1)                                    \
-        prefill_attention_v5_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
-                                         const int* cu_seqlens_q, const int* kv_lens,               \
-                                         const int* block_tables, float scale, int total_q,         \
-                                         int q_heads, int kv_heads, int block_size,                 \
-                                         int max_blocks_per_seq, int num_blocks) {                  \
-        PF5_BODY(T, D, BN)                                                                          \
+#define PF5_ENTRY(V, T, S, D, BN, NWG, MINB, QREG)                                                  \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                   \
+        prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,  \
+                                            const int* cu_seqlens_q, const int* kv_lens,            \
+                                            const int* block_tables, float scale, int total_q,      \
+                                            int q_heads, int kv_heads, int block_size,              \
+                                            int max_blocks_per_seq, int num_blocks) {               \
+        PF5_BODY(T, D, BN, NWG, QREG)                                                               \
     }
-PF5_ENTRY(__nv_bfloat16, bf16, 64, 128)
-PF5_ENTRY(__nv_bfloat16, bf16, 128, 64)
-PF5_ENTRY(__half, f16, 64, 128)
-PF5_ENTRY(__half, f16, 128, 64)
+#define PF5_ENTRIES(T, S)                          \
+    PF5_ENTRY(v5, T, S, 64, 128, 2, 1, false)      \
+    PF5_ENTRY(v5, T, S, 128, 64, 2, 1, false)      \
+    PF5_ENTRY(v6, T, S, 64, 64, 1, 3, true)        \
+    PF5_ENTRY(v6, T, S, 128, 64, 1, 2, true)
+PF5_ENTRIES(__nv_bfloat16, bf16)
+PF5_ENTRIES(__half, f16)
 
 // One entry point per (variant, head_dim, storage type):
 // prefill_attention_{v1,v2,v3}_d{D}_{bf16,f16}. The host
