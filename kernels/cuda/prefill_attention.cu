@@ -637,30 +637,43 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
 //   from shared memory read as the transposed (MN-major) operand.
 // - Online softmax, masks, NaN rules and the staged 16-byte output stores
 //   are v3's. Every sum still has a fixed order: bit-identical reruns.
-// Shared memory holds tiles in wgmma's no-swizzle layout: 8 rows x 16 bytes
-// form a 128-byte core matrix; a group of 8 rows is CH = D/8 core matrices
-// (chunk ch of the 8 rows at ch * 128 bytes), groups follow each other
-// (RG = CH * 128 bytes apart). 16-byte chunk i of a tile copy (row
-// (i % 8) + 8 (i / 8CH), chunk (i / 8) % CH) lands at byte 16 i: each
-// warp's cp.async writes 512 contiguous bytes, and 8 lanes read 8 tokens'
-// same chunk (2 full 32-byte sectors per token and instruction).
-//   q_s [BM/8][CH][8][8], k_s and v_s [2][BN/8][CH][8][8], bad_s [2][BN] int
-// D = 128, BN = 64: 32 KB + 64 KB + 0.5 KB; ptxas (sm_90a): 217 registers
-// (228 for D = 64, BN = 128), no spill: one CTA of 2 warpgroups per SM.
-// Descriptors (PTX ISA "Matrix Descriptor Format", no swizzle):
-//   Q, K (K-major):  leading byte offset 128 (next 8 columns), stride RG
-//                    (next 8 rows); k-step ks starts at +256 ks bytes.
-//   V (MN-major):    leading byte offset RG (next 8 keys), stride 128 (next
-//                    8 head-dim columns); k-step kk starts at +2 RG kk bytes.
+// Shared memory holds each tile in wgmma's 128-byte-swizzle layout (the one
+// TMA writes and FlashAttention-3 reads): the tile [R rows][D] is cut into
+// D/64 column blocks [R][64]; a row of a block is 128 bytes, and 16-byte
+// chunk c of row r sits at chunk position c ^ (r % 8) of its row, so any 8
+// consecutive rows' same chunk fall in 8 different bank groups. Every tile
+// starts on a 1024-byte boundary (the swizzle is computed on address bits).
+//   element (r, col): (col / 64) R 64 + r 64 + 8 ((col % 64 / 8) ^ (r % 8)) + col % 8
+// A tile copy gives 16-byte chunk i to row i / CH, chunk i % CH: 8 lanes
+// read one token's 128 contiguous bytes and write one 128-byte row.
+//   q_s [D/64][BM][64], k_s and v_s [2][D/64][BN][64], bad_s [2][BN] int
+// (a first, measured layout without swizzle, 8 x 16-byte core matrices, ran
+// 0.67-0.77x v3 on the H100: CHALLENGES #26).
+// D = 128, BN = 64: 32 KB + 64 KB + 0.5 KB (+ 1 KB to align); one CTA of 2
+// warpgroups per SM (217 registers).
+// Descriptors (PTX ISA "Matrix Descriptor Format", swizzle mode 128B):
+//   Q, K (K-major):  stride byte offset 1024 (next 8 rows); k-step ks
+//                    starts at column block ks / 4, byte 32 (ks % 4).
+//   V (MN-major):    leading byte offset BN x 128 (next 64 head-dim
+//                    columns), stride 1024 (next 8 keys); k-step kk starts
+//                    at byte 2048 kk.
 #include "wgmma.cuh"
 
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Shared-memory matrix descriptor: start address, leading and stride byte
-// offsets (each >> 4), no swizzle, base offset 0.
-__device__ __forceinline__ unsigned long long pf_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading
+// byte offset, stride byte offset 1024 (each >> 4), base offset 0 (tiles are
+// 1024-byte aligned), layout type 1 in bits 62-63.
+__device__ __forceinline__ unsigned long long pf_desc_sw128(unsigned addr, unsigned lbo) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
-           ((unsigned long long)(sbo >> 4) << 32);
+           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// Element offset of 16-byte chunk c16 (head-dim columns 8 c16..8 c16+7) of
+// row r in a swizzled tile of R rows.
+template <int R>
+__device__ __forceinline__ int pf_sw(int r, int c16) {
+    return (c16 >> 3) * R * 64 + r * 64 + (((c16 & 7) ^ (r & 7)) << 3);
 }
 
 // cp.async writes shared memory through the generic proxy; wgmma reads it
@@ -670,9 +683,7 @@ __device__ __forceinline__ void pf_fence_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// NWG warpgroups a CTA (v5: 2, v6: 1); QREG: Q's A fragments in registers
-// (wgmma with A from registers for S = Q K^T: shared memory then serves K only).
-template <typename T, int D, int BN, int NWG, bool QREG>
+template <typename T, int D, int BN>
 __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k_cache,
                                           const T* __restrict__ v_cache,
@@ -681,23 +692,25 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
                                           const int* __restrict__ block_tables, float scale,
                                           int total_q, int q_heads, int kv_heads, int block_size,
                                           int max_blocks_per_seq, int num_blocks) {
-    constexpr int NTH = 128 * NWG;              // threads
-    constexpr int BM = 64 * NWG;                // query rows per CTA: 64 a warpgroup
+    constexpr int NTH = 256;                    // threads: 2 warpgroups
+    constexpr int BM = 128;                     // query rows per CTA: 64 a warpgroup
     constexpr int CH = D / 8;                   // 16-byte chunks per row
-    constexpr int RG = CH * 128;                // bytes per group of 8 rows
     constexpr int NT_S = BN / 8;                // n8 tiles of S
     constexpr int NT_O = D / 8;                 // n8 tiles of O
     constexpr int NIT = BN * CH / NTH;  // chunks of a K (or V) tile per thread
     constexpr int QIT = BM * CH / NTH;  // chunks of the Q tile per thread
     static_assert(BN * CH % NTH == 0 && BM * CH % NTH == 0, "whole chunks");
+    static_assert(D % 64 == 0 && BN % 8 == 0, "whole swizzle atoms");
     typedef PfMma<T> Mma;
     typedef PfWgmma<T, BN> WgS;
     typedef PfWgmma<T, D> WgO;
 
     extern __shared__ __align__(128) unsigned char pf5_smem[];
-    T* q_s = reinterpret_cast<T*>(pf5_smem);                 // [BM/8][CH][8][8]
-    T* k_s = q_s + BM * D;                                   // [2][BN/8][CH][8][8]
-    T* v_s = k_s + 2 * BN * D;                               // [2][BN/8][CH][8][8]
+    // The swizzle needs 1024-byte-aligned tiles; the host adds 1 KB of room.
+    const unsigned smem0 = pf_smem_addr(pf5_smem);
+    T* q_s = reinterpret_cast<T*>(pf5_smem + (((smem0 + 1023) & ~1023u) - smem0));   // [D/64][BM][64]
+    T* k_s = q_s + BM * D;                                   // [2][D/64][BN][64]
+    T* v_s = k_s + 2 * BN * D;                               // [2][D/64][BN][64]
     int* bad_s = reinterpret_cast<int*>(v_s + 2 * BN * D);   // [2][BN]
 
     const int h = blockIdx.x, b = blockIdx.y;
@@ -734,14 +747,15 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
             continue;
         }
 
-        // Q tile: chunk i -> row (i % 8) + 8 (i / 8CH), chunk (i / 8) % CH, byte 16 i.
+        // Q tile: chunk i -> row i / CH, chunk i % CH.
         const T* q_tile = q + (lo + m0) * row_stride + (i64)h * D;
 #pragma unroll
         for (int it = 0; it < QIT; ++it) {
             const int i = tid + it * NTH;
-            const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
+            const int r = i / CH, ch = i % CH;
             const bool live = r < rows;
-            pf_cp_async16(pf_smem_addr(q_s + i * 8), live ? q_tile + r * row_stride + ch * 8 : q, live);
+            pf_cp_async16(pf_smem_addr(q_s + pf_sw<BM>(r, ch)), live ? q_tile + r * row_stride + ch * 8 : q,
+                          live);
         }
 
         int blk_next[NIT];
@@ -749,7 +763,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 #pragma unroll
             for (int it = 0; it < NIT; ++it) {
                 const int i = tid + it * NTH;
-                const int tok = j * BN + (i & 7) + (i / (8 * CH)) * 8;
+                const int tok = j * BN + i / CH;
                 blk_next[it] = tok < kv_len ? table[tok >> bs_shift] : 0;
             }
         };
@@ -760,7 +774,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 #pragma unroll
             for (int it = 0; it < NIT; ++it) {
                 const int i = tid + it * NTH;
-                const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
+                const int r = i / CH, ch = i % CH;
                 const int tok = j * BN + r;
                 const int blk = blk_next[it];
                 const bool in_ctx = tok < kv_len;
@@ -769,8 +783,9 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
                 const i64 off = (i64)blk * blk_stride + (tok & bs_mask) * tok_stride + kvh * D + ch * 8;
                 if (ch == 0) bad_s[st * BN + r] = blk_bad;
                 bad |= blk_bad;
-                pf_cp_async16(pf_smem_addr(ks + i * 8), live ? k_cache + off : k_cache, live);
-                pf_cp_async16(pf_smem_addr(vs + i * 8), live ? v_cache + off : v_cache, live);
+                const int e = pf_sw<BN>(r, ch);
+                pf_cp_async16(pf_smem_addr(ks + e), live ? k_cache + off : k_cache, live);
+                pf_cp_async16(pf_smem_addr(vs + e), live ? v_cache + off : v_cache, live);
             }
             return bad;
         };
@@ -788,12 +803,11 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
         const bool wg_live = wrow < rows;
         const int wpos_min = ctx_off + m0 + wrow, wpos_max = wpos_min + 63;
         const int pos_a = wpos_min + wwarp * 16 + g;
-        const unsigned q_base = pf_smem_addr(q_s) + wg * 8 * RG;   // 8 row groups a warpgroup
+        const unsigned q_base = pf_smem_addr(q_s) + wrow * 128;   // the warpgroup's rows
 
         float m_r[2] = {WB_NEG_INF, WB_NEG_INF};
         float l_r[2] = {0.f, 0.f};
         bool row_bad[2] = {false, false};
-        unsigned qf[QREG ? D / 16 : 1][4];   // QREG: Q [16 rows of the warp][D], A fragments
         float o[D / 2];   // O [64][D] of the warpgroup, wgmma accumulator layout
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
@@ -815,29 +829,14 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 
             // Warpgroup-uniform (wgmma is issued by all 128 threads together):
             // skip padding warpgroups and tiles wholly above their diagonal.
-            if constexpr (QREG) {
-                // ldmatrix x4 per k-step: lanes 0-15 give rows 0-15 of the
-                // warp's tile at chunk 2 ks, lanes 16-31 at chunk 2 ks + 1
-                // (matrices a0..a3 as in v3); each matrix is one core matrix.
-                if (j == 0 && wg_live) {
-                    const int r = wwarp * 16 + (lane & 15);
-#pragma unroll
-                    for (int ks = 0; ks < D / 16; ++ks)
-                        pf_ldsm_x4(qf[ks], q_base + (r >> 3) * RG + (2 * ks + (lane >> 4)) * 128 + (r & 7) * 16);
-                }
-            }
             if (wg_live && n0 <= wpos_max) {
                 float s[BN / 2];   // S [64][BN]
                 const unsigned k_base = pf_smem_addr(k_s + st * BN * D);
                 pf_wg_fence();
 #pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks) {
-                    if constexpr (QREG)
-                        WgS::rs(s, qf[ks], pf_desc(k_base + ks * 256, 128, RG), ks > 0);
-                    else
-                        WgS::ss(s, pf_desc(q_base + ks * 256, 128, RG), pf_desc(k_base + ks * 256, 128, RG),
-                                ks > 0);
-                }
+                for (int ks = 0; ks < D / 16; ++ks)
+                    WgS::ss(s, pf_desc_sw128(q_base + (ks >> 2) * BM * 128 + (ks & 3) * 32, 16),
+                            pf_desc_sw128(k_base + (ks >> 2) * BN * 128 + (ks & 3) * 32, 16), ks > 0);
                 pf_wg_commit();
                 pf_wg_wait<0>();
                 pf_wg_hold(s);
@@ -913,7 +912,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
                 pf_wg_fence();
 #pragma unroll
                 for (int kk = 0; kk < BN / 16; ++kk)
-                    WgO::rs_tb(o, a[kk], pf_desc(v_base + kk * 2 * RG, RG, 128), 1);
+                    WgO::rs_tb(o, a[kk], pf_desc_sw128(v_base + kk * 2048, BN * 128), 1);
                 pf_wg_commit();
                 pf_wg_wait<0>();
                 pf_wg_hold(o);
@@ -933,23 +932,24 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
                 bad |= __shfl_xor_sync(0xffffffffu, bad, 2);
                 inv[i] = bad ? WB_NAN : (l > 0.f ? 1.f / l : 0.f);
             }
-            // Stage the warp's 16 rows (two groups of 8) in its own rows of
-            // q_s, in the same core-matrix layout, then store 16 bytes a lane.
+            // Stage the warp's 16 rows in its own rows of q_s (same swizzled
+            // layout: the 8 rows of a store fall in 8 bank groups), then store
+            // 16 bytes a lane.
             const int trow = wrow + wwarp * 16;
-            T* os = q_s + trow * D;   // 2 row groups: [2][CH][8][8]
             __syncwarp();
 #pragma unroll
             for (int nt = 0; nt < NT_O; ++nt) {
-                const int e0 = nt * 64 + g * 8 + 2 * c4;
-                *reinterpret_cast<unsigned*>(os + e0) = Mma::pack(o[4 * nt] * inv[0], o[4 * nt + 1] * inv[0]);
-                *reinterpret_cast<unsigned*>(os + CH * 64 + e0) =
+                const int r = trow + g;
+                *reinterpret_cast<unsigned*>(q_s + pf_sw<BM>(r, nt) + 2 * c4) =
+                    Mma::pack(o[4 * nt] * inv[0], o[4 * nt + 1] * inv[0]);
+                *reinterpret_cast<unsigned*>(q_s + pf_sw<BM>(r + 8, nt) + 2 * c4) =
                     Mma::pack(o[4 * nt + 2] * inv[1], o[4 * nt + 3] * inv[1]);
             }
             __syncwarp();
             for (int i = lane; i < 16 * CH; i += 32) {
-                const int r = (i & 7) + (i / (8 * CH)) * 8, ch = (i >> 3) % CH;
-                if (trow + r < rows)
-                    store16(out + (lo + m0 + trow + r) * row_stride + (i64)h * D + ch * 8, load16(os + i * 8));
+                const int r = trow + i / CH, ch = i % CH;
+                if (r < rows)
+                    store16(out + (lo + m0 + r) * row_stride + (i64)h * D + ch * 8, load16(q_s + pf_sw<BM>(r, ch)));
             }
         }
         __syncthreads();
@@ -957,33 +957,29 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 }
 #endif
 
-// prefill_attention_{v5,v6}_d{D}_{bf16,f16}: sm_90a only (the host launches
-// them nowhere else; on other targets the body traps). MINB: CTAs per SM
-// the registers must allow (v6 runs 2-3 independent warpgroups per SM).
+// prefill_attention_v5_d{D}_{bf16,f16}: sm_90a only (the host launches v5
+// nowhere else; on other targets the body traps).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define PF5_BODY(T, D, BN, NWG, QREG)                                                               \
-    prefill_attention_wg_impl<T, D, BN, NWG, QREG>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens, \
-                                                   block_tables, scale, total_q, q_heads, kv_heads, \
-                                                   block_size, max_blocks_per_seq, num_blocks);
+#define PF5_BODY(T, D, BN)                                                                          \
+    prefill_attention_wg_impl<T, D, BN>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
+                                        block_tables, scale, total_q, q_heads, kv_heads,            \
+                                        block_size, max_blocks_per_seq, num_blocks);
 #else
-#define PF5_BODY(T, D, BN, NWG, QREG) __trap();
+#define PF5_BODY(T, D, BN) __trap();
 #endif
-#define PF5_ENTRY(V, T, S, D, BN, NWG, MINB, QREG)                                                  \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB)                                   \
-        prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,  \
-                                            const int* cu_seqlens_q, const int* kv_lens,            \
-                                            const int* block_tables, float scale, int total_q,      \
-                                            int q_heads, int kv_heads, int block_size,              \
-                                            int max_blocks_per_seq, int num_blocks) {               \
-        PF5_BODY(T, D, BN, NWG, QREG)                                                               \
+#define PF5_ENTRY(T, S, D, BN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                            \
+        prefill_attention_v5_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
+                                         const int* cu_seqlens_q, const int* kv_lens,               \
+                                         const int* block_tables, float scale, int total_q,         \
+                                         int q_heads, int kv_heads, int block_size,                 \
+                                         int max_blocks_per_seq, int num_blocks) {                  \
+        PF5_BODY(T, D, BN)                                                                          \
     }
-#define PF5_ENTRIES(T, S)                          \
-    PF5_ENTRY(v5, T, S, 64, 128, 2, 1, false)      \
-    PF5_ENTRY(v5, T, S, 128, 64, 2, 1, false)      \
-    PF5_ENTRY(v6, T, S, 64, 64, 1, 2, true)        \
-    PF5_ENTRY(v6, T, S, 128, 64, 1, 2, true)
-PF5_ENTRIES(__nv_bfloat16, bf16)
-PF5_ENTRIES(__half, f16)
+PF5_ENTRY(__nv_bfloat16, bf16, 64, 128)
+PF5_ENTRY(__nv_bfloat16, bf16, 128, 64)
+PF5_ENTRY(__half, f16, 64, 128)
+PF5_ENTRY(__half, f16, 128, 64)
 
 // One entry point per (variant, head_dim, storage type):
 // prefill_attention_{v1,v2,v3}_d{D}_{bf16,f16}. The host

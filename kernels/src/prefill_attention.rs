@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5", "v6"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5"];
 pub const PRODUCTION: &str = "v3";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
@@ -40,10 +40,6 @@ pub const V4_HEAD_DIMS: &[usize] = &[64, 96, 128];
 pub const V5_TILES: &[(usize, usize)] = &[(64, 128), (128, 64)];
 const V5_BLOCK_M: usize = 128;
 const V5_THREADS: u32 = 256;
-/// v6: v5 with one warpgroup (64 query rows, 128 threads) a block, so 2-3
-/// independent blocks share an SM, and Q's fragments in registers; 64-key
-/// tiles. Same fallbacks as v5.
-pub const V6_TILES: &[(usize, usize)] = &[(64, 64), (128, 64)];
 /// The NVRTC target v5 is compiled for (wgmma is sm_90a only).
 pub const V5_ARCH: &str = "sm_90a";
 /// Grid y and z are 16-bit on the device.
@@ -75,11 +71,12 @@ pub struct PfKernel {
 
 impl PfKernel {
     /// Dynamic shared memory of one block for `head_dim`: v5's tiles are
-    /// unpadded (Q, two K and two V tiles, flags); the others' rows carry 8
-    /// elements of padding ([`shared_bytes`]).
+    /// unpadded (Q, two K and two V tiles, flags, 1 KB to align them); the
+    /// others' rows carry 8 elements of padding ([`shared_bytes`]).
     pub fn shared_bytes(&self, head_dim: usize) -> usize {
-        if matches!(self.name, "v5" | "v6") {
-            2 * (self.block_m * head_dim + 4 * self.tile_n * head_dim) + 4 * 2 * self.tile_n
+        if self.name == "v5" {
+            // + 1 KB: the kernel aligns its swizzled tiles to 1024 bytes.
+            2 * (self.block_m * head_dim + 4 * self.tile_n * head_dim) + 4 * 2 * self.tile_n + 1024
         } else {
             shared_bytes(head_dim, self.tile_n, self.block_m)
         }
@@ -337,20 +334,15 @@ pub fn kernel_for(
             });
         }
     }
-    if variant == "v6" && hopper && pow2 {
-        if let Some(&(_, n)) = V6_TILES.iter().find(|(dim, _)| *dim == head_dim) {
-            return Ok(k("v6", n, BLOCK_M));
-        }
-    }
     if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
         return Ok(k("v4", 64, BLOCK_M));
     }
-    if matches!(variant, "v3" | "v5" | "v6") && pow2 {
+    if matches!(variant, "v3" | "v5") && pow2 {
         if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
             return Ok(k("v3", n, V2_BLOCK_M));
         }
     }
-    if matches!(variant, "v2" | "v3" | "v5" | "v6") && v2 {
+    if matches!(variant, "v2" | "v3" | "v5") && v2 {
         return Ok(k("v2", V2_TILE_N, V2_BLOCK_M));
     }
     Ok(k("v1", v1_tile_n(head_dim)?, BLOCK_M))
@@ -428,10 +420,6 @@ mod tests {
         assert_eq!(k("v5", 64, 16, true), ("v5", 128, 128));
         assert_eq!(k("v5", 128, 16, false), ("v3", 32, 128));
         assert_eq!(kernel_for("v5", 64, 16, true).unwrap().threads, 256);
-        assert_eq!(k("v6", 128, 16, true), ("v6", 64, 64));
-        assert_eq!(k("v6", 128, 16, false), ("v3", 32, 128));
-        assert_eq!(k("v6", 128, 24, true), ("v2", 32, 128));
-        assert_eq!(kernel_for("v6", 64, 16, true).unwrap().threads, 128);
         // Every choice fits an A100 block's shared memory (v5 an H100's).
         for v in VARIANTS {
             for &(d, _) in HEAD_DIMS {
@@ -442,9 +430,13 @@ mod tests {
                 }
             }
         }
-        // v5 d128: Q 128 x 128 + 4 tiles of 64 x 128 bf16, unpadded, plus 2 x 64 flags.
+        // v5 d128: Q 128 x 128 + 4 tiles of 64 x 128 bf16, unpadded, plus 2 x 64
+        // flags and 1 KB of alignment room.
         let v5 = kernel_for("v5", 128, 16, true).unwrap();
-        assert_eq!(v5.shared_bytes(128), 2 * (128 * 128 + 4 * 64 * 128) + 512);
+        assert_eq!(
+            v5.shared_bytes(128),
+            2 * (128 * 128 + 4 * 64 * 128) + 512 + 1024
+        );
     }
 
     fn dims() -> PrefillAttentionDims {

@@ -69,12 +69,7 @@ Variant {
 },
 Variant {
     name: "v5",
-    note: "v3's algorithm on Hopper's warpgroup MMA (wgmma, sm_90a): 2 warpgroups x 64 query rows a block, S = Q K^T with Q and K read by the tensor cores from shared memory (no-swizzle core-matrix layout), O += P V with P from registers and V as the transposed operand; 128-key tiles for head dim 64, 64 for 128; other GPUs, block sizes and head dims run v3's choice",
-    production: false,
-},
-Variant {
-    name: "v6",
-    note: "v5 with one warpgroup (64 query rows) a block so that 2 (head dim 128) or 3 (64) independent blocks share an SM and one's softmax overlaps another's MMAs, and Q's A fragments in registers (S = Q K^T reads only K from shared memory); 64-key tiles; same fallbacks as v5",
+    note: "v3's algorithm on Hopper's warpgroup MMA (wgmma, sm_90a): 2 warpgroups x 64 query rows a block, S = Q K^T with Q and K read by the tensor cores from shared memory (128-byte swizzle, FlashAttention-3's layout), O += P V with P from registers and V as the transposed operand; 128-key tiles for head dim 64, 64 for 128; other GPUs, block sizes and head dims run v3's choice",
     production: false,
 }];
 
