@@ -683,7 +683,11 @@ __device__ __forceinline__ void pf_fence_async_shared() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <typename T, int D, int BN>
+// OVL (v6): FlashAttention-3's intra-warpgroup overlap. S of key tile j+1 is
+// issued before O += P V of tile j, and the softmax of tile j+1 runs while
+// the tensor cores do that P V; three K/V stages (tile j read by P V, j+1 by
+// S, j+2 landing), one barrier a tile.
+template <typename T, int D, int BN, bool OVL>
 __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k_cache,
                                           const T* __restrict__ v_cache,
@@ -701,6 +705,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
     constexpr int QIT = BM * CH / NTH;  // chunks of the Q tile per thread
     static_assert(BN * CH % NTH == 0 && BM * CH % NTH == 0, "whole chunks");
     static_assert(D % 64 == 0 && BN % 8 == 0, "whole swizzle atoms");
+    constexpr int NST = OVL ? 3 : 2;            // K/V stages
     typedef PfMma<T> Mma;
     typedef PfWgmma<T, BN> WgS;
     typedef PfWgmma<T, D> WgO;
@@ -709,9 +714,9 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
     // The swizzle needs 1024-byte-aligned tiles; the host adds 1 KB of room.
     const unsigned smem0 = pf_smem_addr(pf5_smem);
     T* q_s = reinterpret_cast<T*>(pf5_smem + (((smem0 + 1023) & ~1023u) - smem0));   // [D/64][BM][64]
-    T* k_s = q_s + BM * D;                                   // [2][D/64][BN][64]
-    T* v_s = k_s + 2 * BN * D;                               // [2][D/64][BN][64]
-    int* bad_s = reinterpret_cast<int*>(v_s + 2 * BN * D);   // [2][BN]
+    T* k_s = q_s + BM * D;                                     // [NST][D/64][BN][64]
+    T* v_s = k_s + NST * BN * D;                               // [NST][D/64][BN][64]
+    int* bad_s = reinterpret_cast<int*>(v_s + NST * BN * D);   // [NST][BN]
 
     const int h = blockIdx.x, b = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31;
@@ -792,10 +797,6 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 
         const int kv_last = ctx_off + m0 + rows - 1;
         const int n_tiles = kv_last / BN + 1;
-        fetch_blocks(0);
-        bool bad_cur = issue_kv(0, 0), bad_next = false;
-        if (n_tiles > 1) fetch_blocks(1);
-        pf_cp_async_commit();
 
         // This warpgroup's rows wrow..wrow+63; this thread's two rows sit at
         // positions pos_a (row g of its warp's 16) and pos_a + 8.
@@ -804,6 +805,9 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
         const int wpos_min = ctx_off + m0 + wrow, wpos_max = wpos_min + 63;
         const int pos_a = wpos_min + wwarp * 16 + g;
         const unsigned q_base = pf_smem_addr(q_s) + wrow * 128;   // the warpgroup's rows
+        // Warpgroup-uniform (wgmma is issued by all 128 threads together):
+        // padding warpgroups and tiles wholly above their diagonal are skipped.
+        auto tile_live = [&](int j) { return wg_live && j < n_tiles && j * BN <= wpos_max; };
 
         float m_r[2] = {WB_NEG_INF, WB_NEG_INF};
         float l_r[2] = {0.f, 0.f};
@@ -812,112 +816,188 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
 
-        for (int j = 0; j < n_tiles; ++j) {
-            const int st = j & 1;
-            if (j + 1 < n_tiles) {
-                bad_next = issue_kv(j + 1, st ^ 1);
-                if (j + 2 < n_tiles) fetch_blocks(j + 2);
-                pf_cp_async_commit();
-                pf_cp_async_wait<1>();
-            } else {
-                pf_cp_async_wait<0>();
-            }
-            pf_fence_async_shared();
-            const bool tile_bad = __syncthreads_or(bad_cur) != 0;
-            bad_cur = bad_next;
+        // S = Q K^T of the tile in stage st (issued and committed, not waited).
+        auto issue_s = [&](float (&s)[BN / 2], int st) {
+            const unsigned k_base = pf_smem_addr(k_s + st * BN * D);
+            pf_wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks)
+                WgS::ss(s, pf_desc_sw128(q_base + (ks >> 2) * BM * 128 + (ks & 3) * 32, 16),
+                        pf_desc_sw128(k_base + (ks >> 2) * BN * 128 + (ks & 3) * 32, 16), ks > 0);
+            pf_wg_commit();
+        };
+        // O += P V of the tile in stage st, P in A fragments (committed, not waited).
+        auto issue_pv = [&](const unsigned (&a)[BN / 16][4], int st) {
+            const unsigned v_base = pf_smem_addr(v_s + st * BN * D);
+            pf_wg_hold(o);
+            pf_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk)
+                WgO::rs_tb(o, a[kk], pf_desc_sw128(v_base + kk * 2048, BN * 128), 1);
+            pf_wg_commit();
+        };
+        // Masks, online softmax and P of tile j (stage st) from its S; returns
+        // the factors O must be scaled by (corr) and whether any is not 1.
+        auto softmax = [&](float (&s)[BN / 2], int j, int st, bool tile_bad, unsigned (&a)[BN / 16][4],
+                           float (&corr)[2]) -> bool {
             const int n0 = j * BN;
-
-            // Warpgroup-uniform (wgmma is issued by all 128 threads together):
-            // skip padding warpgroups and tiles wholly above their diagonal.
-            if (wg_live && n0 <= wpos_max) {
-                float s[BN / 2];   // S [64][BN]
-                const unsigned k_base = pf_smem_addr(k_s + st * BN * D);
-                pf_wg_fence();
+            if (n0 + BN - 1 > pos_a - g || tile_bad) {   // some row of the warp sees the diagonal
 #pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks)
-                    WgS::ss(s, pf_desc_sw128(q_base + (ks >> 2) * BM * 128 + (ks & 3) * 32, 16),
-                            pf_desc_sw128(k_base + (ks >> 2) * BN * 128 + (ks & 3) * 32, 16), ks > 0);
-                pf_wg_commit();
-                pf_wg_wait<0>();
-                pf_wg_hold(s);
-
-                if (n0 + BN - 1 > pos_a - g || tile_bad) {   // some row of the warp sees the diagonal
+                for (int nt = 0; nt < NT_S; ++nt) {
 #pragma unroll
-                    for (int nt = 0; nt < NT_S; ++nt) {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int col = n0 + nt * 8 + 2 * c4 + (e & 1);
-                            const int pos = pos_a + (e < 2 ? 0 : 8);
-                            if (col > pos) {
-                                s[4 * nt + e] = WB_NEG_INF;
-                            } else if (tile_bad && bad_s[st * BN + col - n0]) {
-                                s[4 * nt + e] = WB_NEG_INF;
-                                row_bad[e >> 1] = true;
-                            }
+                    for (int e = 0; e < 4; ++e) {
+                        const int col = n0 + nt * 8 + 2 * c4 + (e & 1);
+                        const int pos = pos_a + (e < 2 ? 0 : 8);
+                        if (col > pos) {
+                            s[4 * nt + e] = WB_NEG_INF;
+                        } else if (tile_bad && bad_s[st * BN + col - n0]) {
+                            s[4 * nt + e] = WB_NEG_INF;
+                            row_bad[e >> 1] = true;
                         }
                     }
                 }
-
-                float mx[2] = {m_r[0], m_r[1]};
-#pragma unroll
-                for (int nt = 0; nt < NT_S; ++nt) {
-                    mx[0] = fmaxf(mx[0], fmaxf(s[4 * nt], s[4 * nt + 1]));
-                    mx[1] = fmaxf(mx[1], fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
-                }
-                float corr[2], mb[2];
-                bool grew = false;
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-                    mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
-                    const bool up = mx[i] > m_r[i];
-                    grew |= up;
-                    corr[i] = !up ? 1.f : (m_r[i] == WB_NEG_INF ? 0.f : pf_exp2<true>(m_r[i] * sl2 - mb[i]));
-                    m_r[i] = mx[i];
-                }
-                float rs[2] = {0.f, 0.f};
-#pragma unroll
-                for (int nt = 0; nt < NT_S; ++nt) {
-                    s[4 * nt] = pf_exp2<true>(fmaf(s[4 * nt], sl2, -mb[0]));
-                    s[4 * nt + 1] = pf_exp2<true>(fmaf(s[4 * nt + 1], sl2, -mb[0]));
-                    s[4 * nt + 2] = pf_exp2<true>(fmaf(s[4 * nt + 2], sl2, -mb[1]));
-                    s[4 * nt + 3] = pf_exp2<true>(fmaf(s[4 * nt + 3], sl2, -mb[1]));
-                    rs[0] += s[4 * nt] + s[4 * nt + 1];
-                    rs[1] += s[4 * nt + 2] + s[4 * nt + 3];
-                }
-                l_r[0] = l_r[0] * corr[0] + rs[0];
-                l_r[1] = l_r[1] * corr[1] + rs[1];
-                if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-                    for (int nt = 0; nt < NT_O; ++nt) {
-                        o[4 * nt] *= corr[0];
-                        o[4 * nt + 1] *= corr[0];
-                        o[4 * nt + 2] *= corr[1];
-                        o[4 * nt + 3] *= corr[1];
-                    }
-                }
-
-                // O += P V, P's A fragments packed from S's accumulators.
-                const unsigned v_base = pf_smem_addr(v_s + st * BN * D);
-                unsigned a[BN / 16][4];
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    a[kk][0] = Mma::pack(s[8 * kk], s[8 * kk + 1]);
-                    a[kk][1] = Mma::pack(s[8 * kk + 2], s[8 * kk + 3]);
-                    a[kk][2] = Mma::pack(s[8 * kk + 4], s[8 * kk + 5]);
-                    a[kk][3] = Mma::pack(s[8 * kk + 6], s[8 * kk + 7]);
-                }
-                pf_wg_hold(o);
-                pf_wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk)
-                    WgO::rs_tb(o, a[kk], pf_desc_sw128(v_base + kk * 2048, BN * 128), 1);
-                pf_wg_commit();
-                pf_wg_wait<0>();
-                pf_wg_hold(o);
             }
-            __syncthreads();   // buffer st is refilled with tile j+2 next iteration
+            float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+            for (int nt = 0; nt < NT_S; ++nt) {
+                mx[0] = fmaxf(mx[0], fmaxf(s[4 * nt], s[4 * nt + 1]));
+                mx[1] = fmaxf(mx[1], fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+            }
+            float mb[2];
+            bool grew = false;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+                mb[i] = mx[i] == WB_NEG_INF ? 0.f : mx[i] * sl2;
+                const bool up = mx[i] > m_r[i];
+                grew |= up;
+                corr[i] = !up ? 1.f : (m_r[i] == WB_NEG_INF ? 0.f : pf_exp2<true>(m_r[i] * sl2 - mb[i]));
+                m_r[i] = mx[i];
+            }
+            float rs[2] = {0.f, 0.f};
+#pragma unroll
+            for (int nt = 0; nt < NT_S; ++nt) {
+                s[4 * nt] = pf_exp2<true>(fmaf(s[4 * nt], sl2, -mb[0]));
+                s[4 * nt + 1] = pf_exp2<true>(fmaf(s[4 * nt + 1], sl2, -mb[0]));
+                s[4 * nt + 2] = pf_exp2<true>(fmaf(s[4 * nt + 2], sl2, -mb[1]));
+                s[4 * nt + 3] = pf_exp2<true>(fmaf(s[4 * nt + 3], sl2, -mb[1]));
+                rs[0] += s[4 * nt] + s[4 * nt + 1];
+                rs[1] += s[4 * nt + 2] + s[4 * nt + 3];
+            }
+            l_r[0] = l_r[0] * corr[0] + rs[0];
+            l_r[1] = l_r[1] * corr[1] + rs[1];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                a[kk][0] = Mma::pack(s[8 * kk], s[8 * kk + 1]);
+                a[kk][1] = Mma::pack(s[8 * kk + 2], s[8 * kk + 3]);
+                a[kk][2] = Mma::pack(s[8 * kk + 4], s[8 * kk + 5]);
+                a[kk][3] = Mma::pack(s[8 * kk + 6], s[8 * kk + 7]);
+            }
+            return __any_sync(0xffffffffu, grew);   // warp-uniform: skip when every corr is 1
+        };
+        auto rescale = [&](const float (&corr)[2]) {
+#pragma unroll
+            for (int nt = 0; nt < NT_O; ++nt) {
+                o[4 * nt] *= corr[0];
+                o[4 * nt + 1] *= corr[0];
+                o[4 * nt + 2] *= corr[1];
+                o[4 * nt + 3] *= corr[1];
+            }
+        };
+
+        if constexpr (!OVL) {
+            // v5: per tile, S, softmax, then P V, each waited for.
+            fetch_blocks(0);
+            bool bad_cur = issue_kv(0, 0), bad_next = false;
+            if (n_tiles > 1) fetch_blocks(1);
+            pf_cp_async_commit();
+            for (int j = 0; j < n_tiles; ++j) {
+                const int st = j & 1;
+                if (j + 1 < n_tiles) {
+                    bad_next = issue_kv(j + 1, st ^ 1);
+                    if (j + 2 < n_tiles) fetch_blocks(j + 2);
+                    pf_cp_async_commit();
+                    pf_cp_async_wait<1>();
+                } else {
+                    pf_cp_async_wait<0>();
+                }
+                pf_fence_async_shared();
+                const bool tile_bad = __syncthreads_or(bad_cur) != 0;
+                bad_cur = bad_next;
+                if (tile_live(j)) {
+                    float s[BN / 2];   // S [64][BN]
+                    issue_s(s, st);
+                    pf_wg_wait<0>();
+                    pf_wg_hold(s);
+                    unsigned a[BN / 16][4];
+                    float corr[2];
+                    if (softmax(s, j, st, tile_bad, a, corr)) rescale(corr);
+                    issue_pv(a, st);
+                    pf_wg_wait<0>();
+                    pf_wg_hold(o);
+                }
+                __syncthreads();   // buffer st is refilled with tile j+2 next iteration
+            }
+        } else {
+            // v6. Group 0: Q and tile 0; group 1: tile 1 (empty past the context).
+            fetch_blocks(0);
+            const bool bad0 = issue_kv(0, 0);
+            pf_cp_async_commit();
+            bool bad_pend = false;   // this thread's flag for the tile in flight
+            if (n_tiles > 1) {
+                fetch_blocks(1);
+                bad_pend = issue_kv(1, 1);
+                if (n_tiles > 2) fetch_blocks(2);
+            }
+            pf_cp_async_commit();
+            pf_cp_async_wait<1>();
+            pf_fence_async_shared();
+            const bool bad_t0 = __syncthreads_or(bad0) != 0;
+            unsigned a[BN / 16][4];   // P of the tile whose P V comes next
+            if (tile_live(0)) {
+                float s[BN / 2];
+                issue_s(s, 0);
+                pf_wg_wait<0>();
+                pf_wg_hold(s);
+                float corr[2];
+                softmax(s, 0, 0, bad_t0, a, corr);   // O is still 0: no rescale
+            }
+            for (int j = 0; j < n_tiles; ++j) {
+                const int st = j % 3, st1 = (j + 1) % 3;
+                // Tile j+1 has landed, and every warpgroup's P V of tile j-1 is
+                // done: its stage takes tile j+2.
+                pf_cp_async_wait<0>();
+                pf_fence_async_shared();
+                const bool bad_t1 = __syncthreads_or(bad_pend) != 0;
+                bad_pend = false;
+                if (j + 2 < n_tiles) {
+                    bad_pend = issue_kv(j + 2, (j + 2) % 3);
+                    if (j + 3 < n_tiles) fetch_blocks(j + 3);
+                }
+                pf_cp_async_commit();
+                const bool live1 = tile_live(j + 1);   // implies tile_live(j)
+                float s[BN / 2];                       // S of tile j+1
+                if (live1) issue_s(s, st1);
+                if (tile_live(j)) issue_pv(a, st);
+                if (live1) {
+                    pf_wg_wait<1>();   // S of j+1 done; P V of j may still run
+                    pf_wg_hold(s);
+                    unsigned a1[BN / 16][4];
+                    float corr[2];
+                    const bool any = softmax(s, j + 1, st1, bad_t1, a1, corr);
+                    pf_wg_wait<0>();
+                    pf_wg_hold(o);
+                    if (any) rescale(corr);
+#pragma unroll
+                    for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+                        for (int x = 0; x < 4; ++x) a[kk][x] = a1[kk][x];
+                } else {
+                    pf_wg_wait<0>();
+                    pf_wg_hold(o);
+                }
+            }
         }
 
         if (wg_live) {
@@ -957,29 +1037,32 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 }
 #endif
 
-// prefill_attention_v5_d{D}_{bf16,f16}: sm_90a only (the host launches v5
+// prefill_attention_{v5,v6}_d{D}_{bf16,f16}: sm_90a only (the host launches them
 // nowhere else; on other targets the body traps).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define PF5_BODY(T, D, BN)                                                                          \
-    prefill_attention_wg_impl<T, D, BN>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
+#define PF5_BODY(T, D, BN, OVL)                                                                     \
+    prefill_attention_wg_impl<T, D, BN, OVL>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
                                         block_tables, scale, total_q, q_heads, kv_heads,            \
                                         block_size, max_blocks_per_seq, num_blocks);
 #else
-#define PF5_BODY(T, D, BN) __trap();
+#define PF5_BODY(T, D, BN, OVL) __trap();
 #endif
-#define PF5_ENTRY(T, S, D, BN)                                                                      \
+#define PF5_ENTRY(V, T, S, D, BN, OVL)                                                              \
     extern "C" __global__ void __launch_bounds__(256, 1)                                            \
-        prefill_attention_v5_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
+        prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
                                          const int* cu_seqlens_q, const int* kv_lens,               \
                                          const int* block_tables, float scale, int total_q,         \
                                          int q_heads, int kv_heads, int block_size,                 \
                                          int max_blocks_per_seq, int num_blocks) {                  \
-        PF5_BODY(T, D, BN)                                                                          \
+        PF5_BODY(T, D, BN, OVL)                                                                     \
     }
-PF5_ENTRY(__nv_bfloat16, bf16, 64, 128)
-PF5_ENTRY(__nv_bfloat16, bf16, 128, 64)
-PF5_ENTRY(__half, f16, 64, 128)
-PF5_ENTRY(__half, f16, 128, 64)
+#define PF5_ENTRIES(T, S)                        \
+    PF5_ENTRY(v5, T, S, 64, 128, false)          \
+    PF5_ENTRY(v5, T, S, 128, 64, false)          \
+    PF5_ENTRY(v6, T, S, 64, 64, true)            \
+    PF5_ENTRY(v6, T, S, 128, 64, true)
+PF5_ENTRIES(__nv_bfloat16, bf16)
+PF5_ENTRIES(__half, f16)
 
 // One entry point per (variant, head_dim, storage type):
 // prefill_attention_{v1,v2,v3}_d{D}_{bf16,f16}. The host

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5", "v6"];
 pub const PRODUCTION: &str = "v3";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
@@ -40,7 +40,11 @@ pub const V4_HEAD_DIMS: &[usize] = &[64, 96, 128];
 pub const V5_TILES: &[(usize, usize)] = &[(64, 128), (128, 64)];
 const V5_BLOCK_M: usize = 128;
 const V5_THREADS: u32 = 256;
-/// The NVRTC target v5 is compiled for (wgmma is sm_90a only).
+/// v6: v5 with FlashAttention-3's intra-warpgroup overlap (S of tile j+1
+/// and the softmax of tile j+1 beside P V of tile j) on three K/V stages;
+/// 64-key tiles. Same fallbacks as v5.
+pub const V6_TILES: &[(usize, usize)] = &[(64, 64), (128, 64)];
+/// The NVRTC target v5 and v6 are compiled for (wgmma is sm_90a only).
 pub const V5_ARCH: &str = "sm_90a";
 /// Grid y and z are 16-bit on the device.
 const GRID_YZ_MAX: usize = 65535;
@@ -67,16 +71,19 @@ pub struct PfKernel {
     /// Query rows per block.
     pub block_m: usize,
     pub threads: u32,
+    /// K/V tiles in flight or in use (shared-memory stages).
+    pub stages: usize,
 }
 
 impl PfKernel {
-    /// Dynamic shared memory of one block for `head_dim`: v5's tiles are
-    /// unpadded (Q, two K and two V tiles, flags, 1 KB to align them); the
+    /// Dynamic shared memory of one block for `head_dim`: v5's and v6's tiles
+    /// are unpadded (Q, K and V tiles per stage, flags, 1 KB to align them); the
     /// others' rows carry 8 elements of padding ([`shared_bytes`]).
     pub fn shared_bytes(&self, head_dim: usize) -> usize {
-        if self.name == "v5" {
+        if matches!(self.name, "v5" | "v6") {
             // + 1 KB: the kernel aligns its swizzled tiles to 1024 bytes.
-            2 * (self.block_m * head_dim + 4 * self.tile_n * head_dim) + 4 * 2 * self.tile_n + 1024
+            let (m, n, st) = (self.block_m, self.tile_n, self.stages);
+            2 * (m * head_dim + 2 * st * n * head_dim) + 4 * st * n + 1024
         } else {
             shared_bytes(head_dim, self.tile_n, self.block_m)
         }
@@ -325,24 +332,37 @@ pub fn kernel_for(
         tile_n,
         block_m,
         threads: THREADS,
+        stages: 2,
     };
-    if variant == "v5" && hopper && pow2 {
-        if let Some(&(_, n)) = V5_TILES.iter().find(|(dim, _)| *dim == head_dim) {
-            return Ok(PfKernel {
+    let wgmma = |name, tiles: &[(usize, usize)], stages| {
+        tiles
+            .iter()
+            .find(|(dim, _)| *dim == head_dim)
+            .map(|&(_, n)| PfKernel {
                 threads: V5_THREADS,
-                ..k("v5", n, V5_BLOCK_M)
-            });
+                stages,
+                ..k(name, n, V5_BLOCK_M)
+            })
+    };
+    if hopper && pow2 {
+        let kernel = match variant {
+            "v5" => wgmma("v5", V5_TILES, 2),
+            "v6" => wgmma("v6", V6_TILES, 3),
+            _ => None,
+        };
+        if let Some(kernel) = kernel {
+            return Ok(kernel);
         }
     }
     if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
         return Ok(k("v4", 64, BLOCK_M));
     }
-    if matches!(variant, "v3" | "v5") && pow2 {
+    if matches!(variant, "v3" | "v5" | "v6") && pow2 {
         if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
             return Ok(k("v3", n, V2_BLOCK_M));
         }
     }
-    if matches!(variant, "v2" | "v3" | "v5") && v2 {
+    if matches!(variant, "v2" | "v3" | "v5" | "v6") && v2 {
         return Ok(k("v2", V2_TILE_N, V2_BLOCK_M));
     }
     Ok(k("v1", v1_tile_n(head_dim)?, BLOCK_M))
@@ -420,6 +440,10 @@ mod tests {
         assert_eq!(k("v5", 64, 16, true), ("v5", 128, 128));
         assert_eq!(k("v5", 128, 16, false), ("v3", 32, 128));
         assert_eq!(kernel_for("v5", 64, 16, true).unwrap().threads, 256);
+        assert_eq!(k("v6", 128, 16, true), ("v6", 64, 128));
+        assert_eq!(k("v6", 128, 16, false), ("v3", 32, 128));
+        assert_eq!(k("v6", 64, 24, true), ("v2", 32, 128));
+        assert_eq!(kernel_for("v6", 64, 16, true).unwrap().stages, 3);
         // Every choice fits an A100 block's shared memory (v5 an H100's).
         for v in VARIANTS {
             for &(d, _) in HEAD_DIMS {

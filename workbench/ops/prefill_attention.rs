@@ -71,6 +71,11 @@ Variant {
     name: "v5",
     note: "v3's algorithm on Hopper's warpgroup MMA (wgmma, sm_90a): 2 warpgroups x 64 query rows a block, S = Q K^T with Q and K read by the tensor cores from shared memory (128-byte swizzle, FlashAttention-3's layout), O += P V with P from registers and V as the transposed operand; 128-key tiles for head dim 64, 64 for 128; other GPUs, block sizes and head dims run v3's choice",
     production: false,
+},
+Variant {
+    name: "v6",
+    note: "v5 with FlashAttention-3's intra-warpgroup overlap: S = Q K^T of key tile j+1 is issued before O += P V of tile j, and the softmax of tile j+1 runs while the tensor cores do that P V; three K/V stages, one barrier a tile; 64-key tiles; same fallbacks as v5",
+    production: false,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
