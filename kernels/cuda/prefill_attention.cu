@@ -1058,9 +1058,9 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
     }
 #define PF5_ENTRIES(T, S)                        \
     PF5_ENTRY(v5, T, S, 64, 128, false)          \
-    PF5_ENTRY(v5, T, S, 128, 64, false)          \
-    PF5_ENTRY(v6, T, S, 64, 64, true)            \
-    PF5_ENTRY(v6, T, S, 128, 64, true)
+    PF5_ENTRY(v5, T, S, 128, 128, false)         \
+    PF5_ENTRY(v6, T, S, 64, 128, true)           \
+    PF5_ENTRY(v6, T, S, 128, 128, true)
 PF5_ENTRIES(__nv_bfloat16, bf16)
 PF5_ENTRIES(__half, f16)
 

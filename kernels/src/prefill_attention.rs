@@ -37,13 +37,13 @@ pub const V4_HEAD_DIMS: &[usize] = &[64, 96, 128];
 /// query rows a block, tiles in wgmma's no-swizzle layout (no padding); the
 /// keys per tile by head dim. Power-of-two block sizes; other shapes and
 /// other GPUs run v3's choice.
-pub const V5_TILES: &[(usize, usize)] = &[(64, 128), (128, 64)];
+pub const V5_TILES: &[(usize, usize)] = &[(64, 128), (128, 128)];
 const V5_BLOCK_M: usize = 128;
 const V5_THREADS: u32 = 256;
 /// v6: v5 with FlashAttention-3's intra-warpgroup overlap (S of tile j+1
 /// and the softmax of tile j+1 beside P V of tile j) on three K/V stages;
 /// 64-key tiles. Same fallbacks as v5.
-pub const V6_TILES: &[(usize, usize)] = &[(64, 64), (128, 64)];
+pub const V6_TILES: &[(usize, usize)] = &[(64, 128), (128, 128)];
 /// The NVRTC target v5 and v6 are compiled for (wgmma is sm_90a only).
 pub const V5_ARCH: &str = "sm_90a";
 /// Grid y and z are 16-bit on the device.
@@ -436,11 +436,11 @@ mod tests {
             assert!(kernel_for("v3", 72, 16, hopper).is_err());
         }
         // v5 only where wgmma is: elsewhere v3's kernel.
-        assert_eq!(k("v5", 128, 16, true), ("v5", 64, 128));
+        assert_eq!(k("v5", 128, 16, true), ("v5", 128, 128));
         assert_eq!(k("v5", 64, 16, true), ("v5", 128, 128));
         assert_eq!(k("v5", 128, 16, false), ("v3", 32, 128));
         assert_eq!(kernel_for("v5", 64, 16, true).unwrap().threads, 256);
-        assert_eq!(k("v6", 128, 16, true), ("v6", 64, 128));
+        assert_eq!(k("v6", 128, 16, true), ("v6", 128, 128));
         assert_eq!(k("v6", 128, 16, false), ("v3", 32, 128));
         assert_eq!(k("v6", 64, 24, true), ("v2", 32, 128));
         assert_eq!(kernel_for("v6", 64, 16, true).unwrap().stages, 3);
@@ -454,13 +454,19 @@ mod tests {
                 }
             }
         }
-        // v5 d128: Q 128 x 128 + 4 tiles of 64 x 128 bf16, unpadded, plus 2 x 64
-        // flags and 1 KB of alignment room.
+        // v5 d128: Q 128 x 128 + 4 tiles of 128 x 128 bf16, unpadded, plus 2 x 128
+        // flags and 1 KB of alignment room; v6 three stages, within an H100's 227 KB.
         let v5 = kernel_for("v5", 128, 16, true).unwrap();
         assert_eq!(
             v5.shared_bytes(128),
-            2 * (128 * 128 + 4 * 64 * 128) + 512 + 1024
+            2 * (128 * 128 + 4 * 128 * 128) + 1024 + 1024
         );
+        let v6 = kernel_for("v6", 128, 16, true).unwrap();
+        assert_eq!(
+            v6.shared_bytes(128),
+            2 * (128 * 128 + 6 * 128 * 128) + 1536 + 1024
+        );
+        assert!(v6.shared_bytes(128) <= 227 * 1024);
     }
 
     fn dims() -> PrefillAttentionDims {
