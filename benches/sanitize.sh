@@ -3,6 +3,7 @@
 # memcheck and racecheck, error counts written to $OUT/sanitizer.md.
 #
 #   bash benches/sanitize.sh            # GPU host, after ../shared/gpu/bundle here
+#   KERNELS=prefill_attention VARIANT=v5,v6 bash benches/sanitize.sh   # some variants
 #
 # bf16 check cases only: the sanitizers slow kernels down 10-100x, and the
 # f16/f32 instantiations share the code paths.
@@ -17,6 +18,8 @@ sanitizer=$(command -v compute-sanitizer || echo "$cuda/bin/compute-sanitizer")
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
   echo
+  echo "Variants: ${VARIANT:-all}."
+  echo
   echo "| kernel | tool | errors | warnings (racecheck hazards) | check result |"
   echo "|---|---|---|---|---|"
 } > "$OUT/sanitizer.md"
@@ -24,7 +27,8 @@ for kernel in ${KERNELS:-paged_attention prefill_attention}; do
   for tool in memcheck racecheck; do
     log="$OUT/sanitizer-$kernel-$tool.log"
     # The binary itself, not a wrapper script: the sanitizer follows the process it starts.
-    "$sanitizer" --tool "$tool" --print-limit 20 .gpu/bin/workbench check "$kernel" --only checks --dtype bf16 > "$log" 2>&1
+    "$sanitizer" --tool "$tool" --print-limit 20 .gpu/bin/workbench check "$kernel" --only checks --dtype bf16 \
+      ${VARIANT:+--variant "$VARIANT"} > "$log" 2>&1
     rc=$?
     # memcheck ends with "ERROR SUMMARY: N errors"; racecheck with
     # "RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)".

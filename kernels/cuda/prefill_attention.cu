@@ -628,8 +628,7 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
 // whose A and B the tensor cores read straight from shared memory.
 // - A CTA of 8 warps = 2 warpgroups owns 128 query rows; warpgroup w the 64
 //   rows 64w..64w+63, warp i of it rows 16i..16i+15 of those. Key tiles of
-//   BN tokens (128 for head dim 64; 64 for 128, where 128 spills 126 bytes
-//   at 255 registers), double-buffered with cp.async as in v3 (same
+//   BN = 128 tokens, double-buffered with cp.async as in v3 (same
 //   block-table prefetch, shift/mask addressing, zero fill and bad flags).
 // - S = Q K^T: D/16 wgmma m64nBNk16, Q and K from shared memory (K-major).
 //   O += P V: BN/16 wgmma m64nDk16, P from registers (S's accumulators have
@@ -646,11 +645,12 @@ __device__ void prefill_attention_impl(T* __restrict__ out, const T* __restrict_
 //   element (r, col): (col / 64) R 64 + r 64 + 8 ((col % 64 / 8) ^ (r % 8)) + col % 8
 // A tile copy gives 16-byte chunk i to row i / CH, chunk i % CH: 8 lanes
 // read one token's 128 contiguous bytes and write one 128-byte row.
-//   q_s [D/64][BM][64], k_s and v_s [2][D/64][BN][64], bad_s [2][BN] int
-// (a first, measured layout without swizzle, 8 x 16-byte core matrices, ran
-// 0.67-0.77x v3 on the H100: CHALLENGES #26).
-// D = 128, BN = 64: 32 KB + 64 KB + 0.5 KB (+ 1 KB to align); one CTA of 2
-// warpgroups per SM (217 registers).
+//   q_s [D/64][BM][64], k_s and v_s [stages][D/64][BN][64], bad_s [stages][BN] int
+// (a first layout without swizzle, 8 x 16-byte core matrices, ran 0.67-0.77x
+// v3 on the H100; this one 1.15-1.26x v3 at head dim 128: CHALLENGES #26).
+// D = 128, BN = 128: 32 KB + 128 KB + 1 KB (+ 1 KB to align), v6's third
+// stage 64 KB more (226.5 KB of 227); one CTA of 2 warpgroups per SM
+// (ptxas sm_90a: v5 247 registers, v6 255 with 26 bytes of spill).
 // Descriptors (PTX ISA "Matrix Descriptor Format", swizzle mode 128B):
 //   Q, K (K-major):  stride byte offset 1024 (next 8 rows); k-step ks
 //                    starts at column block ks / 4, byte 32 (ks % 4).
@@ -1059,7 +1059,6 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 #define PF5_ENTRIES(T, S)                        \
     PF5_ENTRY(v5, T, S, 64, 128, false)          \
     PF5_ENTRY(v5, T, S, 128, 128, false)         \
-    PF5_ENTRY(v6, T, S, 64, 128, true)           \
     PF5_ENTRY(v6, T, S, 128, 128, true)
 PF5_ENTRIES(__nv_bfloat16, bf16)
 PF5_ENTRIES(__half, f16)
