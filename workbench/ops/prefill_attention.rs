@@ -69,12 +69,12 @@ Variant {
 },
 Variant {
     name: "v5",
-    note: "v3's algorithm on Hopper's warpgroup MMA (wgmma, sm_90a): 2 warpgroups x 64 query rows a block, S = Q K^T with Q and K read by the tensor cores from shared memory (128-byte swizzle, FlashAttention-3's layout), O += P V with P from registers and V as the transposed operand; 128-key tiles; other GPUs, block sizes and head dims run v3's choice; on the H100 (2026-11-26) 302-338 TFLOP/s at head dim 128 (0.96-1.08x SDPA flash, 1.21-1.24x v3), 0.89-0.88x v3 at 64",
+    note: "v3's algorithm on Hopper's warpgroup MMA (wgmma, sm_90a): 2 warpgroups x 64 query rows a block, S = Q K^T with Q and K read by the tensor cores from shared memory (128-byte swizzle, FlashAttention-3's layout), O += P V with P from registers and V as the transposed operand; 128-key tiles; other GPUs, block sizes and head dims run v3's choice; on the H100 (2026-11-26 13:56) 303-342 TFLOP/s at head dim 128 (1.00-1.09x SDPA flash, 1.21-1.23x v3), 0.90x v3 at 64",
     production: false,
 },
 Variant {
     name: "v6",
-    note: "v5 with FlashAttention-3's intra-warpgroup overlap: S = Q K^T of key tile j+1 is issued before O += P V of tile j, and the softmax of tile j+1 runs while the tensor cores do that P V; three K/V stages, one barrier a tile; 128-key tiles; head dim 128 only (its head-dim-64 kernel ran 0.90-0.94x v3: head dim 64 runs v3's kernel), same fallbacks as v5; on the H100 (2026-11-26) 305-346 TFLOP/s at head dim 128, 1.00-1.08x SDPA flash (FlashAttention-2), 1.23-1.24x v3",
+    note: "v5 with FlashAttention-3's intra-warpgroup overlap: S = Q K^T of key tile j+1 is issued before O += P V of tile j, and the softmax of tile j+1 runs while the tensor cores do that P V; three K/V stages, one barrier a tile; 128-key tiles; head dim 128 only (its head-dim-64 kernel ran 0.90-0.94x v3: head dim 64 runs v3's kernel), same fallbacks as v5; on the H100 (2026-11-26 13:56) 307-341 TFLOP/s at head dim 128, 0.995-1.08x SDPA flash (FlashAttention-2), 1.21-1.23x v3",
     production: true,
 }];
 
