@@ -687,7 +687,14 @@ __device__ __forceinline__ void pf_fence_async_shared() {
 // issued before O += P V of tile j, and the softmax of tile j+1 runs while
 // the tensor cores do that P V; three K/V stages (tile j read by P V, j+1 by
 // S, j+2 landing), one barrier a tile.
-template <typename T, int D, int BN, bool OVL>
+// PP (v7): ping-pong between the two warpgroups without a producer warp.
+// Warpgroup 0 runs each tile as v5 does (S, softmax, P V); warpgroup 1 runs
+// half a tile behind: after the barrier of tile j it first does the softmax
+// and P V of tile j-1, then issues S of tile j. So while one warpgroup's
+// exponentials run, the other's MMAs hold the tensor cores, in place of
+// both doing the same at once. Three K/V stages (warpgroup 1 still reads
+// V of tile j-1), one barrier a tile, every MMA waited for before it.
+template <typename T, int D, int BN, bool OVL, bool PP = false>
 __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k_cache,
                                           const T* __restrict__ v_cache,
@@ -705,7 +712,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
     constexpr int QIT = BM * CH / NTH;  // chunks of the Q tile per thread
     static_assert(BN * CH % NTH == 0 && BM * CH % NTH == 0, "whole chunks");
     static_assert(D % 64 == 0 && BN % 8 == 0, "whole swizzle atoms");
-    constexpr int NST = OVL ? 3 : 2;            // K/V stages
+    constexpr int NST = OVL || PP ? 3 : 2;      // K/V stages
     typedef PfMma<T> Mma;
     typedef PfWgmma<T, BN> WgS;
     typedef PfWgmma<T, D> WgO;
@@ -906,7 +913,63 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
             }
         };
 
-        if constexpr (!OVL) {
+        if constexpr (PP) {
+            // v7. Tile t in stage t % 3; its copies are issued after the
+            // barrier of tile t-1, by which both warpgroups are done with
+            // tile t-3 (warpgroup 1 reads V of tile j-1 during tile j).
+            fetch_blocks(0);
+            bool bad_pend = issue_kv(0, 0);
+            if (n_tiles > 1) fetch_blocks(1);
+            pf_cp_async_commit();
+            float s[BN / 2];   // warpgroup 1: S of the tile behind, kept across the barrier
+            bool bad_prev = false;
+            for (int j = 0; j < n_tiles; ++j) {
+                const int st = j % 3;
+                pf_cp_async_wait<0>();
+                pf_fence_async_shared();
+                const bool tile_bad = __syncthreads_or(bad_pend) != 0;
+                bad_pend = false;
+                if (j + 1 < n_tiles) {
+                    bad_pend = issue_kv(j + 1, (j + 1) % 3);
+                    if (j + 2 < n_tiles) fetch_blocks(j + 2);
+                }
+                pf_cp_async_commit();
+                unsigned a[BN / 16][4];
+                float corr[2];
+                if (wg == 0) {
+                    if (tile_live(j)) {
+                        issue_s(s, st);
+                        pf_wg_wait<0>();
+                        pf_wg_hold(s);
+                        if (softmax(s, j, st, tile_bad, a, corr)) rescale(corr);
+                        issue_pv(a, st);
+                        pf_wg_wait<0>();
+                        pf_wg_hold(o);
+                    }
+                } else {
+                    if (j > 0 && tile_live(j - 1)) {
+                        if (softmax(s, j - 1, (j - 1) % 3, bad_prev, a, corr)) rescale(corr);
+                        issue_pv(a, (j - 1) % 3);
+                    }
+                    if (tile_live(j)) issue_s(s, st);
+                    pf_wg_wait<0>();
+                    pf_wg_hold(o);
+                    pf_wg_hold(s);
+                }
+                bad_prev = tile_bad;
+            }
+            // Warpgroup 1's last tile (its stage is not refilled before the
+            // barrier that ends this block of rows).
+            if (wg == 1 && tile_live(n_tiles - 1)) {
+                const int j = n_tiles - 1;
+                unsigned a[BN / 16][4];
+                float corr[2];
+                if (softmax(s, j, j % 3, bad_prev, a, corr)) rescale(corr);
+                issue_pv(a, j % 3);
+                pf_wg_wait<0>();
+                pf_wg_hold(o);
+            }
+        } else if constexpr (!OVL) {
             // v5: per tile, S, softmax, then P V, each waited for.
             fetch_blocks(0);
             bool bad_cur = issue_kv(0, 0), bad_next = false;
@@ -1037,29 +1100,31 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 }
 #endif
 
-// prefill_attention_{v5,v6}_d{D}_{bf16,f16}: sm_90a only (the host launches them
+// prefill_attention_{v5,v6,v7}_d{D}_{bf16,f16}: sm_90a only (the host launches them
 // nowhere else; on other targets the body traps).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define PF5_BODY(T, D, BN, OVL)                                                                     \
-    prefill_attention_wg_impl<T, D, BN, OVL>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
+#define PF5_BODY(T, D, BN, OVL, PP)                                                                 \
+    prefill_attention_wg_impl<T, D, BN, OVL, PP>(out, q, k_cache, v_cache, cu_seqlens_q, kv_lens,            \
                                         block_tables, scale, total_q, q_heads, kv_heads,            \
                                         block_size, max_blocks_per_seq, num_blocks);
 #else
-#define PF5_BODY(T, D, BN, OVL) __trap();
+#define PF5_BODY(T, D, BN, OVL, PP) __trap();
 #endif
-#define PF5_ENTRY(V, T, S, D, BN, OVL)                                                              \
+#define PF5_ENTRY(V, T, S, D, BN, OVL, PP)                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1)                                            \
         prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
                                          const int* cu_seqlens_q, const int* kv_lens,               \
                                          const int* block_tables, float scale, int total_q,         \
                                          int q_heads, int kv_heads, int block_size,                 \
                                          int max_blocks_per_seq, int num_blocks) {                  \
-        PF5_BODY(T, D, BN, OVL)                                                                     \
+        PF5_BODY(T, D, BN, OVL, PP)                                                                 \
     }
 #define PF5_ENTRIES(T, S)                        \
-    PF5_ENTRY(v5, T, S, 64, 128, false)          \
-    PF5_ENTRY(v5, T, S, 128, 128, false)         \
-    PF5_ENTRY(v6, T, S, 128, 128, true)
+    PF5_ENTRY(v5, T, S, 64, 128, false, false)   \
+    PF5_ENTRY(v5, T, S, 128, 128, false, false)  \
+    PF5_ENTRY(v6, T, S, 128, 128, true, false)   \
+    PF5_ENTRY(v7, T, S, 64, 128, false, true)    \
+    PF5_ENTRY(v7, T, S, 128, 128, false, true)
 PF5_ENTRIES(__nv_bfloat16, bf16)
 PF5_ENTRIES(__half, f16)
 

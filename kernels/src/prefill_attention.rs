@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5", "v6"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5", "v6", "v7"];
 pub const PRODUCTION: &str = "v6";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
@@ -46,7 +46,11 @@ const V5_THREADS: u32 = 256;
 /// v3's on the H100 (2026-11-26), so head dim 64 runs v3's kernel. Same
 /// fallbacks as v5.
 pub const V6_TILES: &[(usize, usize)] = &[(128, 128)];
-/// The NVRTC target v5 and v6 are compiled for (wgmma is sm_90a only).
+/// v7: v5's tiles with the two warpgroups in ping-pong (warpgroup 1 half a
+/// tile behind, so one's softmax runs beside the other's MMAs); three K/V
+/// stages. Same fallbacks as v5.
+pub const V7_TILES: &[(usize, usize)] = &[(64, 128), (128, 128)];
+/// The NVRTC target v5-v7 are compiled for (wgmma is sm_90a only).
 pub const V5_ARCH: &str = "sm_90a";
 /// Grid y and z are 16-bit on the device.
 const GRID_YZ_MAX: usize = 65535;
@@ -82,7 +86,7 @@ impl PfKernel {
     /// are unpadded (Q, K and V tiles per stage, flags, 1 KB to align them); the
     /// others' rows carry 8 elements of padding ([`shared_bytes`]).
     pub fn shared_bytes(&self, head_dim: usize) -> usize {
-        if matches!(self.name, "v5" | "v6") {
+        if matches!(self.name, "v5" | "v6" | "v7") {
             // + 1 KB: the kernel aligns its swizzled tiles to 1024 bytes.
             let (m, n, st) = (self.block_m, self.tile_n, self.stages);
             2 * (m * head_dim + 2 * st * n * head_dim) + 4 * st * n + 1024
@@ -350,6 +354,7 @@ pub fn kernel_for(
         let kernel = match variant {
             "v5" => wgmma("v5", V5_TILES, 2),
             "v6" => wgmma("v6", V6_TILES, 3),
+            "v7" => wgmma("v7", V7_TILES, 3),
             _ => None,
         };
         if let Some(kernel) = kernel {
@@ -359,12 +364,12 @@ pub fn kernel_for(
     if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
         return Ok(k("v4", 64, BLOCK_M));
     }
-    if matches!(variant, "v3" | "v5" | "v6") && pow2 {
+    if matches!(variant, "v3" | "v5" | "v6" | "v7") && pow2 {
         if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
             return Ok(k("v3", n, V2_BLOCK_M));
         }
     }
-    if matches!(variant, "v2" | "v3" | "v5" | "v6") && v2 {
+    if matches!(variant, "v2" | "v3" | "v5" | "v6" | "v7") && v2 {
         return Ok(k("v2", V2_TILE_N, V2_BLOCK_M));
     }
     Ok(k("v1", v1_tile_n(head_dim)?, BLOCK_M))
@@ -447,6 +452,9 @@ mod tests {
         assert_eq!(k("v6", 64, 24, true), ("v2", 32, 128));
         assert_eq!(k("v6", 64, 16, true), ("v3", 64, 128));
         assert_eq!(kernel_for("v6", 128, 16, true).unwrap().stages, 3);
+        assert_eq!(k("v7", 64, 16, true), ("v7", 128, 128));
+        assert_eq!(k("v7", 128, 16, false), ("v3", 32, 128));
+        assert_eq!(kernel_for("v7", 64, 16, true).unwrap().stages, 3);
         // Every choice fits an A100 block's shared memory (v5 an H100's).
         for v in VARIANTS {
             for &(d, _) in HEAD_DIMS {
