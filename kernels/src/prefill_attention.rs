@@ -13,7 +13,7 @@ const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5", "v6", "v7"];
-pub const PRODUCTION: &str = "v6";
+pub const PRODUCTION: &str = "v7";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
 /// per block (prefill_attention.cu).

@@ -75,12 +75,12 @@ Variant {
 Variant {
     name: "v6",
     note: "v5 with FlashAttention-3's intra-warpgroup overlap: S = Q K^T of key tile j+1 is issued before O += P V of tile j, and the softmax of tile j+1 runs while the tensor cores do that P V; three K/V stages, one barrier a tile; 128-key tiles; head dim 128 only (its head-dim-64 kernel ran 0.90-0.94x v3: head dim 64 runs v3's kernel), same fallbacks as v5; on the H100 (2026-11-26 13:56) 307-341 TFLOP/s at head dim 128, 0.995-1.08x SDPA flash (FlashAttention-2), 1.21-1.23x v3",
-    production: true,
+    production: false,
 },
 Variant {
     name: "v7",
-    note: "v5's tiles (128-key tiles, head dims 64 and 128) with the two warpgroups in ping-pong without a producer warp: warpgroup 1 runs half a tile behind (after the barrier of tile j it does the softmax and P V of tile j-1, then S of tile j), so one warpgroup's exponentials run beside the other's MMAs; three K/V stages, one barrier a tile; same fallbacks as v5",
-    production: false,
+    note: "v5's tiles (128-key tiles, head dims 64 and 128) with the two warpgroups in ping-pong without a producer warp: warpgroup 1 runs half a tile behind (after the barrier of tile j it does the softmax and P V of tile j-1, then S of tile j), so one warpgroup's exponentials run beside the other's MMAs; three K/V stages, one barrier a tile; same fallbacks as v5; on the H100 (2026-11-26 14:24) 326-369 TFLOP/s at head dim 128, 1.08-1.17x SDPA flash (FlashAttention-2), 1.07-1.09x v6, 1.29-1.33x v3; at head dim 64 1.02x v3 at 4 x 4096 (0.93x FA2), 0.97x at 16 x 1024",
+    production: true,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
