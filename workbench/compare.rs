@@ -56,6 +56,10 @@ pub struct Metrics {
     sq_err: f64,
     #[serde(skip)]
     sq_ref: f64,
+    /// n·atol² over the compared elements: the least ‖ref‖² that rel_l2
+    /// divides by (see `finish_l2`).
+    #[serde(skip)]
+    sq_floor: f64,
     #[serde(skip)]
     rel_l2_limit: f64,
 }
@@ -164,6 +168,7 @@ impl Metrics {
                 m.tol_used = m.tol_used.max(used);
                 m.sq_err += d * d;
                 m.sq_ref += w * w;
+                m.sq_floor += tol.atol * tol.atol;
                 d > allowed
             };
             if bad {
@@ -185,9 +190,15 @@ impl Metrics {
         m
     }
 
+    /// ‖Δ‖ / max(‖ref‖, √n·atol). The floor matters only where every
+    /// reference value is about atol or less, e.g. SiLU outputs that
+    /// underflow f16 (true value 1e-31, correctly stored as 0): there a plain
+    /// ‖Δ‖/‖ref‖ is 1.0 for a right answer. A bias is still caught once it
+    /// exceeds rel_l2 · atol per element.
     fn finish_l2(&mut self) {
-        self.rel_l2 = if self.sq_ref > 0.0 {
-            (self.sq_err / self.sq_ref).sqrt()
+        let denom = self.sq_ref.max(self.sq_floor);
+        self.rel_l2 = if denom > 0.0 {
+            (self.sq_err / denom).sqrt()
         } else {
             self.sq_err.sqrt()
         };
@@ -207,6 +218,7 @@ impl Metrics {
         self.violations.extend(o.violations);
         self.sq_err += o.sq_err;
         self.sq_ref += o.sq_ref;
+        self.sq_floor += o.sq_floor;
         self.rel_l2_limit = self.rel_l2_limit.max(o.rel_l2_limit);
         self.finish_l2();
         self
@@ -320,6 +332,23 @@ mod tests {
         let m = Metrics::compare("o", &[100], &got, &want, tol);
         assert_eq!(m.mismatches, 0);
         assert!(!m.pass(), "rel_l2 = {}", m.rel_l2);
+    }
+
+    #[test]
+    fn outputs_that_underflow_the_storage_pass_and_a_bias_there_still_fails() {
+        // gpu_proptest's silu_mul case `tokens=2,inter=1,gen=large` (f16):
+        // gates near -80 give true outputs near -1e-31, which f16 stores as
+        // 0. Every element is within atol; ‖Δ‖/‖ref‖ alone would be 1.0.
+        let want = [-1.15e-31, -2.3e-32];
+        let m = Metrics::compare("o", &[2], &[0.0, 0.0], &want, TOL_F16);
+        assert!(m.pass(), "rel_l2 = {}", m.rel_l2);
+        // A uniform bias of a tenth of atol passes every element but not rel_l2.
+        let m = Metrics::compare("o", &[2], &[1e-4, 1e-4], &want, TOL_F16);
+        assert_eq!(m.mismatches, 0);
+        assert!(!m.pass(), "rel_l2 = {}", m.rel_l2);
+        // Bit-exact tolerances have no floor.
+        let m = Metrics::compare("o", &[1], &[0.0], &[1e-31], Tolerance::EXACT);
+        assert!(!m.pass());
     }
 
     #[test]
