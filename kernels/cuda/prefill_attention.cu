@@ -1,5 +1,6 @@
 // prefill_attention.cu: causal prefill attention of packed variable-length
-// sequences over the paged KV cache, on tensor cores (variants v1 and v2).
+// sequences over the paged KV cache, on tensor cores: mma.sync (v1-v4, any
+// GPU from sm_80) and warpgroup MMA (v5-v7, sm_90a; see the v5 section).
 //
 // q   [total_q, q_heads, head_dim]   new tokens of all sequences, packed;
 //                                    sequence b owns rows cu_seqlens_q[b]..cu_seqlens_q[b+1]

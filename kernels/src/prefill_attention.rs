@@ -1,6 +1,7 @@
 //! Launcher for `cuda/prefill_attention.cu`: causal attention of packed
 //! variable-length prefills (or prefill chunks after a cached prefix) over
-//! the paged KV cache, on tensor cores (mma.sync, bf16/f16 storage).
+//! the paged KV cache, on tensor cores, bf16/f16 storage: mma.sync (v1-v4)
+//! and, on sm_90a, Hopper's warpgroup MMA (v5-v7; [`kernel_for`] picks).
 
 use crate::device::Gpu;
 use crate::dtype::{DType, Storage};
