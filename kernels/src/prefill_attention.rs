@@ -14,6 +14,9 @@ const OP: &str = "prefill_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v4", "v5", "v6", "v7"];
+/// The variants on warpgroup MMA (sm_90a, unpadded swizzled tiles); where
+/// they have no kernel they run v3's choice.
+const WGMMA_VARIANTS: &[&str] = &["v5", "v6", "v7"];
 pub const PRODUCTION: &str = "v7";
 
 /// Query rows per block (4 warps x 16, the smallest tile: v1) and threads
@@ -87,7 +90,7 @@ impl PfKernel {
     /// are unpadded (Q, K and V tiles per stage, flags, 1 KB to align them); the
     /// others' rows carry 8 elements of padding ([`shared_bytes`]).
     pub fn shared_bytes(&self, head_dim: usize) -> usize {
-        if matches!(self.name, "v5" | "v6" | "v7") {
+        if WGMMA_VARIANTS.contains(&self.name) {
             // + 1 KB: the kernel aligns its swizzled tiles to 1024 bytes.
             let (m, n, st) = (self.block_m, self.tile_n, self.stages);
             2 * (m * head_dim + 2 * st * n * head_dim) + 4 * st * n + 1024
@@ -365,12 +368,13 @@ pub fn kernel_for(
     if variant == "v4" && pow2 && V4_HEAD_DIMS.contains(&head_dim) {
         return Ok(k("v4", 64, BLOCK_M));
     }
-    if matches!(variant, "v3" | "v5" | "v6" | "v7") && pow2 {
+    let v3_based = variant == "v3" || WGMMA_VARIANTS.contains(&variant);
+    if v3_based && pow2 {
         if let Some(&(_, n)) = V3_TILES.iter().find(|(dim, _)| *dim == head_dim) {
             return Ok(k("v3", n, V2_BLOCK_M));
         }
     }
-    if matches!(variant, "v2" | "v3" | "v5" | "v6" | "v7") && v2 {
+    if (variant == "v2" || v3_based) && v2 {
         return Ok(k("v2", V2_TILE_N, V2_BLOCK_M));
     }
     Ok(k("v1", v1_tile_n(head_dim)?, BLOCK_M))
