@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v6"];
 pub const PRODUCTION: &str = "v5";
 
 /// v2's launch constants (paged_attention.cu).
@@ -35,6 +35,12 @@ const V3_TILE: usize = 64;
 const V3_MAX_GROUP: usize = 16;
 /// Head dims with a compiled v3 entry point (`paged_attention_v3_d{D}_*`).
 const V3_HEAD_DIMS: &[usize] = &[32, 64, 80, 96, 128, 256];
+/// v6's split counters: the first `SEM_WORDS` u32 of the scratch, one per
+/// (sequence, kv head), zero between launches (the allocation is zeroed and
+/// v6's last split block resets its counter). The partials of every split
+/// launch start after them, so no variant overwrites a counter. v6 takes
+/// batch * kv_heads up to this many (v5 above).
+const SEM_WORDS: usize = 1 << 16;
 
 /// v3's dynamic shared memory: per warp a ring of `stages` chunks of 16
 /// tokens, K and V rows of head_dim + 8 16-bit elements (Pa3Cfg::SMEM_BYTES).
@@ -167,12 +173,9 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        // v5 where it takes the case, v3 (with its own fallbacks) elsewhere.
-        "v3" | "v5" => {
-            let v = match variant == "v5" && v5_takes::<T>(&d) {
-                true => "v5",
-                false => "v3",
-            };
+        // v6/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
+        "v3" | "v5" | "v6" => {
+            let v = v3_family::<T>(variant, &d);
             let (o, tb, cl) = (out, block_tables, context_lens);
             return launch_v3(gpu, o, q, k_cache, v_cache, tb, cl, d, v);
         }
@@ -257,6 +260,7 @@ fn launch_v2<T: Storage>(
         threads: V2_THREADS,
         smem,
         head_dim_arg: true,
+        merges: false,
         splits,
         split_tokens,
     };
@@ -273,8 +277,11 @@ struct SplitLaunch {
     symbol: String,
     threads: u32,
     smem: u32,
-    /// v2 takes head_dim as an argument; v3 has it compiled in.
+    /// v2 takes head_dim as an argument; v3 has it compiled in (and takes
+    /// the split counters last).
     head_dim_arg: bool,
+    /// v6: the kernel merges its splits itself (no merge launch).
+    merges: bool,
     splits: usize,
     split_tokens: usize,
 }
@@ -309,18 +316,22 @@ fn launch_split<T: Storage>(
     let splits = l.splits;
     let part_o = d.batch * d.q_heads * splits * d.head_dim;
     let part_ml = d.batch * d.q_heads * splits * 2;
-    let mut scratch = gpu.scratch(4 * (part_o + part_ml))?;
+    let mut scratch = gpu.scratch(4 * (SEM_WORDS + part_o + part_ml))?;
     let buf = scratch.as_mut().ok_or_else(|| KernelError::Unsupported {
         op: OP,
         what: "scratch buffer missing".into(),
     })?;
-    // SAFETY: the scratch holds at least 4 * (part_o + part_ml) bytes (sized above).
-    let mut ws = unsafe { buf.transmute_mut::<f32>(part_o + part_ml) }.ok_or_else(|| {
-        KernelError::Unsupported {
-            op: OP,
-            what: "scratch too small".into(),
-        }
-    })?;
+    // SAFETY: the scratch holds at least 4 * (SEM_WORDS + part_o + part_ml)
+    // bytes (sized above); the counters are u32 and the partials f32, both
+    // plain 4-byte data.
+    let mut ws =
+        unsafe { buf.transmute_mut::<f32>(SEM_WORDS + part_o + part_ml) }.ok_or_else(|| {
+            KernelError::Unsupported {
+                op: OP,
+                what: "scratch too small".into(),
+            }
+        })?;
+    let (sem, mut ws) = ws.split_at_mut(SEM_WORDS);
     let (mut po, mut pml) = ws.split_at_mut(part_o);
     let (scale, q_heads, kv_heads, head_dim) = (
         d.scale,
@@ -379,12 +390,17 @@ fn launch_split<T: Storage>(
             .arg(&max_pos)
             .arg(&num_slots);
     }
+    if !l.head_dim_arg {
+        b.arg(&sem);
+    }
     // SAFETY: lengths were checked by `paged_attention` (or
     // `paged_attention_fused_qkv`); the workspace views hold
     // batch*q_heads*splits*(head_dim + 2) floats; context lengths and block
     // ids are range-checked on the device as in v1, and v3f's positions and
     // slots too; the argument list is the kernel's (head_dim only where it
-    // takes it, v3f's inputs after split_tokens); the caller checked the
+    // takes it, v3f's inputs after split_tokens, the v3 family's split
+    // counters last: v6 indexes batch * kv_heads < SEM_WORDS of them, which
+    // `v6_takes` checked); the caller checked the
     // kernel's own conditions (alignment, group, shared memory: see the
     // SAFETY notes at v2's and v3's calls).
     unsafe {
@@ -395,7 +411,7 @@ fn launch_split<T: Storage>(
         })
     }
     .map_err(KernelError::driver(format!("launch {}", l.symbol)))?;
-    if splits > 1 {
+    if splits > 1 && !l.merges {
         launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
     }
     Ok(())
@@ -551,6 +567,7 @@ fn v3_plan<T: Storage>(
     // at most 16 (the mma's rows); the dynamic shared memory is the kernel's
     // ring size for this head_dim, opted into above.
     let launch = SplitLaunch {
+        merges: symbol_merges(&symbol),
         symbol,
         threads: V3_THREADS,
         smem: smem as u32,
@@ -588,6 +605,27 @@ fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
         && d.block_size.is_power_of_two()
         && d.block_size >= 16
         && d.scale > 0.0
+}
+
+/// True when v6 runs this case itself: v5's conditions, and at most
+/// `SEM_WORDS` (sequence, kv head) pairs, one split counter each.
+fn v6_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
+    v5_takes::<T>(d) && d.batch * d.kv_heads <= SEM_WORDS
+}
+
+/// The kernel a v3-family `variant` ("v3", "v5" or "v6") runs for this
+/// case: v6 falls back to v5 and v5 to v3 where they do not take it.
+fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str {
+    match variant {
+        "v6" if v6_takes::<T>(d) => "v6",
+        "v5" | "v6" if v5_takes::<T>(d) => "v5",
+        _ => "v3",
+    }
+}
+
+/// Whether a v3-family kernel symbol merges its splits itself (v6, v6f).
+fn symbol_merges(symbol: &str) -> bool {
+    symbol.starts_with("paged_attention_v6")
 }
 
 /// True when [`paged_attention_fused_qkv`] takes this storage type and
@@ -718,12 +756,11 @@ pub fn paged_attention_fused_qkv<T: Storage>(
         });
     }
     let v = match variant {
-        "v5" if v5_takes::<T>(&d) => "v5",
-        "v3" | "v5" => "v3",
+        "v3" | "v5" | "v6" => v3_family::<T>(variant, &d),
         other => {
             return Err(KernelError::Unsupported {
                 op: F,
-                what: format!("variant `{other}` (fused: v3, v5)"),
+                what: format!("variant `{other}` (fused: v3, v5, v6)"),
             })
         }
     };
