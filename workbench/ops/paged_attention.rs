@@ -57,12 +57,12 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "v5",
         note: "v3 with a quarter of its instructions: one block-table load per 16-token chunk (power-of-two blocks >= 16; others run v3), ex2.approx, rescale only when the max grows, masking only the last chunk, block ids in batches of 32 chunks, loop-invariant copy offsets",
-        production: true,
+        production: false,
     },
     Variant {
         name: "v6",
         note: "v5 with the split merge done by the last split block of each (sequence, kv head): u32 ticket counters in the scratch, fence, merge in split order (v5's arithmetic); one launch a step instead of two",
-        production: false,
+        production: true,
     },
 ];
 
