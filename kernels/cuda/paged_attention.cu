@@ -384,6 +384,67 @@ __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __r
     }
 }
 
+// v7's merge (paged_attention_merge2): the same combination as
+// paged_attention_merge with the loads in parallel. The merge above walks
+// the splits one after another in every thread (a max pass, a sum pass,
+// then per output element a load of m_s and a dependent load of o_s), a
+// chain of dependent L2 round trips that is most of a batch-1 decode step.
+// Here the block loads every split's (m_s, l_s) at once into shared memory
+// (thread t takes splits t, t + 128, ...), reduces the max and the sum over
+// the block in a fixed order (deterministic), stores the weights
+// w_s = exp(m_s - M) once, and each output element's thread then sums
+// w_s o_s in split order with loads that do not wait on each other.
+// Needs splits <= PA_MERGE2_MAX (the launcher sends more to the old merge).
+#define PA_MERGE2_MAX 1024
+template <typename T>
+__device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __restrict__ part_o,
+                                            const float* __restrict__ part_ml, int q_heads,
+                                            int head_dim, int splits) {
+    pdl_wait();
+    __shared__ float s_w[PA_MERGE2_MAX];  // m_s, then the weights w_s
+    __shared__ float s_l[PA_MERGE2_MAX];
+    __shared__ float s_red[32];
+    const int h = blockIdx.x, b = blockIdx.y;
+    const i64 row = (i64)b * q_heads + h;
+    const float2* ml = reinterpret_cast<const float2*>(part_ml) + row * splits;
+    float mx = WB_NEG_INF;
+    int bad = 0;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        const float2 v = ml[s];
+        s_w[s] = v.x;
+        s_l[s] = v.y;
+        bad |= v.x != v.x;
+        mx = fmaxf(mx, v.x);
+    }
+    // Block max (exact in any order); a NaN max anywhere marks the row bad.
+    bad = __syncthreads_or(bad);
+    mx = warp_max(mx);
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    mx = (threadIdx.x & 31) < (int)(blockDim.x >> 5) ? s_red[threadIdx.x & 31] : WB_NEG_INF;
+    const float M = warp_max(mx);
+    float l = 0.f;
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        const float m = s_w[s];
+        const float w = m == WB_NEG_INF ? 0.f : expf(m - M);  // an empty split weighs 0
+        s_w[s] = w;
+        l += s_l[s] * w;
+    }
+    const float L = block_sum(l, s_red);  // its barriers also publish s_w
+    const float* po = part_o + row * splits * head_dim;
+    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) {
+        float o = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) {
+            const float w = s_w[s];
+            const float v = po[(i64)s * head_dim + j];
+            o += w != 0.f ? v * w : 0.f;
+        }
+        o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
+        out[row * head_dim + j] = from_f32<T>(o);
+    }
+}
+
 #define WB_PAGED_ATTENTION_V2(T, S)                                                              \
     extern "C" __global__ void __launch_bounds__(PA2_THREADS) paged_attention_v2_##S(            \
         T* out, float* part_o, float* part_ml, const T* q, const T* k_cache, const T* v_cache,   \
@@ -398,6 +459,11 @@ __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __r
                                                          const float* part_ml, int q_heads,      \
                                                          int head_dim, int splits) {             \
         paged_attention_merge_impl<T>(out, part_o, part_ml, q_heads, head_dim, splits);          \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) paged_attention_merge2_##S(                \
+        T* out, const float* part_o, const float* part_ml, int q_heads, int head_dim,            \
+        int splits) {                                                                            \
+        paged_attention_merge2_impl<T>(out, part_o, part_ml, q_heads, head_dim, splits);         \
     }
 WB_FOR_EACH_DTYPE(WB_PAGED_ATTENTION_V2)
 
@@ -586,7 +652,6 @@ struct Pa3Shared {
     float m[PA3_WARPS][16], l[PA3_WARPS][16], w[PA3_WARPS][16];
     float M[16], L[16];
     int bad;
-    int last;  // v6: this block merges the splits (pa6_merge_last)
 };
 
 // The fused prologue's work (v3f, v5f), spread over the block's threads:
@@ -689,77 +754,6 @@ __device__ __forceinline__ void pa3_load_q(unsigned (&qa)[Pa3Cfg<D>::KSTEPS][4],
     if constexpr (FUSED) __syncthreads();  // every warp has its q before the ring is refilled
 }
 
-// v6's merge, run by the last split block of each (sequence, kv head) to
-// finish instead of a second kernel (paged_attention_merge, whose launch
-// and gap cost 2-3 us under graph replay, most of a batch-1 decode step).
-// sem [batch * kv_heads] u32 counters, zero between launches: each split
-// block publishes its partials (part_o [batch, q_heads, splits, D] and
-// part_ml [.., 2], written by pa3_finish above), fences, and takes a
-// ticket; the block that draws splits - 1 knows every other split's
-// partials are visible, resets the counter for the next launch, and merges
-// the splits in split order with the merge kernel's arithmetic, so the
-// result does not depend on which block came last (bit-identical runs).
-// Partials are read with ld.global.cg (L2): L1 is not coherent across SMs.
-template <typename T, int D>
-__device__ __forceinline__ void pa6_merge_last(T* __restrict__ out, const float* part_o,
-                                               const float* part_ml, Pa3Shared& sh, int b,
-                                               int kvh, int G, int q_heads, int splits,
-                                               unsigned* __restrict__ sem) {
-    __threadfence();  // this thread's partials are visible device-wide
-    __syncthreads();  // ... and every thread's, before the ticket is drawn
-    if (threadIdx.x == 0) {
-        unsigned* c = sem + (i64)b * gridDim.x + kvh;
-        const bool last = atomicAdd(c, 1u) == (unsigned)splits - 1;
-        if (last) atomicExch(c, 0u);  // every split has arrived: ready for the next launch
-        sh.last = last;
-    }
-    __syncthreads();
-    if (!sh.last) return;
-    __threadfence();  // acquire: the other splits' partials, not stale lines
-    const i64 base0 = (i64)b * q_heads + (i64)kvh * G;  // first q head of the group
-    if (threadIdx.x < G) {
-        // Per head: the max over splits (natural-log units), NaN if any
-        // split is bad, and the weighted sum, in split order.
-        const i64 base = (base0 + threadIdx.x) * splits;
-        float M = WB_NEG_INF;
-        bool bad = false;
-        for (int s = 0; s < splits; ++s) {
-            const float m = __ldcg(part_ml + (base + s) * 2);
-            bad |= m != m;
-            M = fmaxf(M, m);
-        }
-        float L = 0.f;
-        for (int s = 0; s < splits; ++s) {
-            const float m = __ldcg(part_ml + (base + s) * 2);
-            if (m != WB_NEG_INF) L += __ldcg(part_ml + (base + s) * 2 + 1) * expf(m - M);
-        }
-        sh.M[threadIdx.x] = M;
-        sh.L[threadIdx.x] = bad ? WB_NAN : L;
-    }
-    __syncthreads();
-    constexpr int Q4 = D / 4;
-    for (int it = threadIdx.x; it < G * Q4; it += PA3_WARPS * 32) {
-        const int h = it / Q4, d = (it - h * Q4) * 4;
-        const i64 base = (base0 + h) * splits;
-        const float M = sh.M[h], L = sh.L[h];
-        float o[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int s = 0; s < splits; ++s) {
-            const float m = __ldcg(part_ml + (base + s) * 2);
-            if (m == WB_NEG_INF) continue;
-            const float w = expf(m - M);
-            const float4 a = __ldcg(reinterpret_cast<const float4*>(part_o + (base + s) * D + d));
-            o[0] += a.x * w;
-            o[1] += a.y * w;
-            o[2] += a.z * w;
-            o[3] += a.w * w;
-        }
-        Pa3Out4<T> r;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) r.v[e] = from_f32<T>(L != L ? WB_NAN : (L == 0.f ? 0.f : o[e] / L));
-        *reinterpret_cast<Pa3Out4<T>*>(out + (base0 + h) * D + d) = r;
-    }
-}
-
 // The end of a v3/v5 split: the warps' (max, sum, accumulator) merged
 // through shared memory in a fixed order, then the output (one split) or
 // the split's partials for the merge kernel.
@@ -768,8 +762,7 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
                                            float* __restrict__ part_ml, unsigned char* smem,
                                            Pa3Shared& sh, const float (&acc)[D / 8][4], float m0,
                                            float m1, float l0, float l1, bool bad, int b, int kvh,
-                                           int G, int q_heads, int split, int splits,
-                                           unsigned* __restrict__ sem) {
+                                           int G, int q_heads, int split, int splits) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     constexpr int NT = D / 8;
@@ -855,8 +848,6 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
         ml[0] = (any_bad || nan_sum) ? WB_NAN : (mx == WB_NEG_INF ? WB_NEG_INF : mx * PA3_LN2);
         ml[1] = sh.L[h];
     }
-    if (sem != nullptr && splits > 1) pa6_merge_last<T, D>(out, part_o, part_ml, sh, b, kvh, G,
-                                                           q_heads, splits, sem);
 }
 
 // FUSED (v3f): q is the engine's projection row qkv [batch, (q_heads +
@@ -878,7 +869,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
                                         const int* __restrict__ context_lens, float scale,
                                         int q_heads, int kv_heads, int block_size,
                                         int max_blocks_per_seq, int num_blocks, int split_tokens,
-                                        Pa3Fuse<T> fz, unsigned* sem) {
+                                        Pa3Fuse<T> fz) {
     pdl_wait();
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
@@ -1040,7 +1031,7 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
     }
 
     pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
-                     split, splits, sem);
+                     split, splits);
 }
 
 // ---------------------------------------------------------------------------
@@ -1064,11 +1055,8 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
 // Same fused prologue as v3 (v5f). Needs scale > 0 (the max is taken before
 // scaling); the launcher sends other scales to v3.
 //
-// v6: v5 with the split merge done by the last split block of each
-// (sequence, kv head) instead of paged_attention_merge (pa6_merge_last):
-// one launch a decode step instead of two. Same arithmetic, so v6's output
-// is v5's; v6 takes the cases v5 takes, plus the counters (from the
-// launcher's scratch, kept zero between launches by the kernel itself).
+// v7 is v5's kernel with paged_attention_merge2 (above), a merge whose
+// loads run in parallel; the variant lives in the launcher.
 __device__ __forceinline__ float pa5_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -1083,7 +1071,7 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
                                         const int* __restrict__ context_lens, float scale,
                                         int q_heads, int kv_heads, int block_size,
                                         int max_blocks_per_seq, int num_blocks, int split_tokens,
-                                        Pa3Fuse<T> fz, unsigned* sem) {
+                                        Pa3Fuse<T> fz) {
     using C = Pa3Cfg<D>;
     using M = Pa3Mma<T>;
     extern __shared__ __align__(16) unsigned char pa3_smem[];
@@ -1330,31 +1318,25 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         pa3_pv<T, D>(acc, pa, st + v_lane);
     }
     pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
-                     split, splits, sem);
+                     split, splits);
 }
 
 // One entry point per (head_dim, 16-bit storage type):
-// paged_attention_{v3,v5,v6}_d{D}_{bf16,f16}, and the fused prologue's
-// paged_attention_{v3,v5,v6}f_d{D}_{bf16,f16}. Every entry takes the split
-// counters `sem` [batch * kv_heads] last; only v6 (v5's body, merging in
-// its last split block) uses them. 2 blocks per SM is the floor the
+// paged_attention_{v3,v5}_d{D}_{bf16,f16}, and the fused prologue's
+// paged_attention_{v3,v5}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
 // register budget must allow (the ring of a d128 block is 102 KiB).
-#define WB_PAGED_ATTENTION_V3(T, S, D)      \
-    WB_PA3_ENTRIES(T, S, D, v3, v3, nullptr) \
-    WB_PA3_ENTRIES(T, S, D, v5, v5, nullptr) \
-    WB_PA3_ENTRIES(T, S, D, v6, v5, sem)
-#define WB_PA3_ENTRIES(T, S, D, V, IMPL, SEM)                                                    \
+#define WB_PAGED_ATTENTION_V3(T, S, D) WB_PA3_ENTRIES(T, S, D, v3) WB_PA3_ENTRIES(T, S, D, v5)
+#define WB_PA3_ENTRIES(T, S, D, V)                                                               \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
         paged_attention_##V##_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
                                       const T* k_cache, const T* v_cache,                        \
                                       const int* block_tables, const int* context_lens,          \
                                       float scale, int q_heads, int kv_heads, int block_size,    \
-                                      int max_blocks_per_seq, int num_blocks, int split_tokens,  \
-                                      unsigned* sem) {                                           \
-        paged_attention_##IMPL##_impl<T, D, false>(                                              \
+                                      int max_blocks_per_seq, int num_blocks, int split_tokens) { \
+        paged_attention_##V##_impl<T, D, false>(                                                 \
             out, part_o, part_ml, q, const_cast<T*>(k_cache), const_cast<T*>(v_cache),           \
             block_tables, context_lens, scale, q_heads, kv_heads, block_size,                    \
-            max_blocks_per_seq, num_blocks, split_tokens, Pa3Fuse<T>{}, SEM);                    \
+            max_blocks_per_seq, num_blocks, split_tokens, Pa3Fuse<T>{});                         \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
         paged_attention_##V##f_d##D##_##S(                                                       \
@@ -1362,11 +1344,11 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
             const int* block_tables, const int* context_lens, float scale, int q_heads,          \
             int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks,                \
             int split_tokens, const T* bias, const int* positions, const float* cos_sin,         \
-            const i64* slot_mapping, int max_positions, i64 num_slots, unsigned* sem) {          \
-        paged_attention_##IMPL##_impl<T, D, true>(                                               \
+            const i64* slot_mapping, int max_positions, i64 num_slots) {                         \
+        paged_attention_##V##_impl<T, D, true>(                                                  \
             out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
             q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
-            Pa3Fuse<T>{bias, positions, cos_sin, slot_mapping, max_positions, num_slots}, SEM);  \
+            Pa3Fuse<T>{bias, positions, cos_sin, slot_mapping, max_positions, num_slots});       \
     }
 #define WB_PAGED_ATTENTION_V3_DIMS(T, S) \
     WB_PAGED_ATTENTION_V3(T, S, 32)      \

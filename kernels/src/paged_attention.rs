@@ -12,8 +12,8 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v6"];
-pub const PRODUCTION: &str = "v6";
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v7"];
+pub const PRODUCTION: &str = "v7";
 
 /// v2's launch constants (paged_attention.cu).
 const V2_THREADS: u32 = 128;
@@ -35,12 +35,9 @@ const V3_TILE: usize = 64;
 const V3_MAX_GROUP: usize = 16;
 /// Head dims with a compiled v3 entry point (`paged_attention_v3_d{D}_*`).
 const V3_HEAD_DIMS: &[usize] = &[32, 64, 80, 96, 128, 256];
-/// v6's split counters: the first `SEM_WORDS` u32 of the scratch, one per
-/// (sequence, kv head), zero between launches (the allocation is zeroed and
-/// v6's last split block resets its counter). The partials of every split
-/// launch start after them, so no variant overwrites a counter. v6 takes
-/// batch * kv_heads up to this many (v5 above).
-const SEM_WORDS: usize = 1 << 16;
+/// Most splits `paged_attention_merge2` (v7's merge) takes (PA_MERGE2_MAX:
+/// its shared-memory arrays); more go to `paged_attention_merge`.
+const MERGE2_MAX: usize = 1024;
 
 /// v3's dynamic shared memory: per warp a ring of `stages` chunks of 16
 /// tokens, K and V rows of head_dim + 8 16-bit elements (Pa3Cfg::SMEM_BYTES).
@@ -173,8 +170,8 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        // v6/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
-        "v3" | "v5" | "v6" => {
+        // v7/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
+        "v3" | "v5" | "v7" => {
             let v = v3_family::<T>(variant, &d);
             let (o, tb, cl) = (out, block_tables, context_lens);
             return launch_v3(gpu, o, q, k_cache, v_cache, tb, cl, d, v);
@@ -260,7 +257,7 @@ fn launch_v2<T: Storage>(
         threads: V2_THREADS,
         smem,
         head_dim_arg: true,
-        merges: false,
+        merge2: false,
         splits,
         split_tokens,
     };
@@ -277,11 +274,10 @@ struct SplitLaunch {
     symbol: String,
     threads: u32,
     smem: u32,
-    /// v2 takes head_dim as an argument; v3 has it compiled in (and takes
-    /// the split counters last).
+    /// v2 takes head_dim as an argument; v3 has it compiled in.
     head_dim_arg: bool,
-    /// v6: the kernel merges its splits itself (no merge launch).
-    merges: bool,
+    /// v7: merge the splits with `paged_attention_merge2` (parallel loads).
+    merge2: bool,
     splits: usize,
     split_tokens: usize,
 }
@@ -316,22 +312,18 @@ fn launch_split<T: Storage>(
     let splits = l.splits;
     let part_o = d.batch * d.q_heads * splits * d.head_dim;
     let part_ml = d.batch * d.q_heads * splits * 2;
-    let mut scratch = gpu.scratch(4 * (SEM_WORDS + part_o + part_ml))?;
+    let mut scratch = gpu.scratch(4 * (part_o + part_ml))?;
     let buf = scratch.as_mut().ok_or_else(|| KernelError::Unsupported {
         op: OP,
         what: "scratch buffer missing".into(),
     })?;
-    // SAFETY: the scratch holds at least 4 * (SEM_WORDS + part_o + part_ml)
-    // bytes (sized above); the counters are u32 and the partials f32, both
-    // plain 4-byte data.
-    let mut ws =
-        unsafe { buf.transmute_mut::<f32>(SEM_WORDS + part_o + part_ml) }.ok_or_else(|| {
-            KernelError::Unsupported {
-                op: OP,
-                what: "scratch too small".into(),
-            }
-        })?;
-    let (sem, mut ws) = ws.split_at_mut(SEM_WORDS);
+    // SAFETY: the scratch holds at least 4 * (part_o + part_ml) bytes (sized above).
+    let mut ws = unsafe { buf.transmute_mut::<f32>(part_o + part_ml) }.ok_or_else(|| {
+        KernelError::Unsupported {
+            op: OP,
+            what: "scratch too small".into(),
+        }
+    })?;
     let (mut po, mut pml) = ws.split_at_mut(part_o);
     let (scale, q_heads, kv_heads, head_dim) = (
         d.scale,
@@ -390,17 +382,12 @@ fn launch_split<T: Storage>(
             .arg(&max_pos)
             .arg(&num_slots);
     }
-    if !l.head_dim_arg {
-        b.arg(&sem);
-    }
     // SAFETY: lengths were checked by `paged_attention` (or
     // `paged_attention_fused_qkv`); the workspace views hold
     // batch*q_heads*splits*(head_dim + 2) floats; context lengths and block
     // ids are range-checked on the device as in v1, and v3f's positions and
     // slots too; the argument list is the kernel's (head_dim only where it
-    // takes it, v3f's inputs after split_tokens, the v3 family's split
-    // counters last: v6 indexes batch * kv_heads < SEM_WORDS of them, which
-    // `v6_takes` checked); the caller checked the
+    // takes it, v3f's inputs after split_tokens); the caller checked the
     // kernel's own conditions (alignment, group, shared memory: see the
     // SAFETY notes at v2's and v3's calls).
     unsafe {
@@ -411,8 +398,8 @@ fn launch_split<T: Storage>(
         })
     }
     .map_err(KernelError::driver(format!("launch {}", l.symbol)))?;
-    if splits > 1 && !l.merges {
-        launch_merge(gpu, out, &mut po, &mut pml, d, splits)?;
+    if splits > 1 {
+        launch_merge(gpu, out, &mut po, &mut pml, d, splits, l.merge2)?;
     }
     Ok(())
 }
@@ -427,8 +414,13 @@ fn launch_merge<T: Storage>(
     pml: &mut CudaViewMut<f32>,
     d: PagedAttentionDims,
     splits: usize,
+    merge2: bool,
 ) -> Result<()> {
-    let m = typed_function::<T>(gpu, "paged_attention", "paged_attention_merge")?;
+    let name = match merge2 && splits <= MERGE2_MAX {
+        true => "paged_attention_merge2",
+        false => "paged_attention_merge",
+    };
+    let m = typed_function::<T>(gpu, "paged_attention", name)?;
     let (q_heads, head_dim, splits_i) = (d.q_heads as i32, d.head_dim as i32, splits as i32);
     // SAFETY: reads the partials written by the split kernel (the caller
     // sized them batch*q_heads*splits*(head_dim + 2) floats), writes out
@@ -446,7 +438,7 @@ fn launch_merge<T: Storage>(
                 128,
             ))
     }
-    .map_err(KernelError::driver("launch paged_attention_merge"))?;
+    .map_err(KernelError::driver(format!("launch {name}")))?;
     Ok(())
 }
 
@@ -476,7 +468,8 @@ fn v3_aligned<T: Storage>(
 /// entry point go to v2 as well, and buffers that are not 16-byte aligned
 /// (a view at an odd offset) to v1, the only variant without vector loads.
 /// Shapes were checked by the caller. `version` "v5" runs v5 (the caller
-/// checked `v5_takes`) on the same path.
+/// checked `v5_takes`) on the same path, and "v7" v5's kernel with
+/// `paged_attention_merge2`.
 #[allow(clippy::too_many_arguments)]
 fn launch_v3<T: Storage>(
     gpu: &Gpu,
@@ -512,8 +505,8 @@ fn launch_v3<T: Storage>(
             "v1",
         );
     }
-    let symbol = format!("paged_attention_{version}_d{}", d.head_dim);
-    let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
+    let symbol = format!("paged_attention_{}_d{}", kernel_of(version), d.head_dim);
+    let (f, launch) = v3_plan::<T>(gpu, symbol, d, version == "v7")?;
     let inputs = Inputs::Plain {
         q,
         k_cache,
@@ -528,6 +521,7 @@ fn v3_plan<T: Storage>(
     gpu: &Gpu,
     symbol: String,
     d: PagedAttentionDims,
+    merge2: bool,
 ) -> Result<(cudarc::driver::CudaFunction, SplitLaunch)> {
     let smem = v3_smem_bytes(d.head_dim);
     let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
@@ -567,11 +561,11 @@ fn v3_plan<T: Storage>(
     // at most 16 (the mma's rows); the dynamic shared memory is the kernel's
     // ring size for this head_dim, opted into above.
     let launch = SplitLaunch {
-        merges: symbol_merges(&symbol),
         symbol,
         threads: V3_THREADS,
         smem: smem as u32,
         head_dim_arg: false,
+        merge2,
         splits,
         split_tokens,
     };
@@ -607,25 +601,24 @@ fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
         && d.scale > 0.0
 }
 
-/// True when v6 runs this case itself: v5's conditions, and at most
-/// `SEM_WORDS` (sequence, kv head) pairs, one split counter each.
-fn v6_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
-    v5_takes::<T>(d) && d.batch * d.kv_heads <= SEM_WORDS
-}
-
-/// The kernel a v3-family `variant` ("v3", "v5" or "v6") runs for this
-/// case: v6 falls back to v5 and v5 to v3 where they do not take it.
+/// The v3-family variant that runs `variant` ("v3", "v5" or "v7") on this
+/// case: v7 and v5 where v5's kernel takes it, v3 (with its own fallbacks)
+/// elsewhere.
 fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str {
     match variant {
-        "v6" if v6_takes::<T>(d) => "v6",
-        "v5" | "v6" if v5_takes::<T>(d) => "v5",
+        "v7" if v5_takes::<T>(d) => "v7",
+        "v5" | "v7" if v5_takes::<T>(d) => "v5",
         _ => "v3",
     }
 }
 
-/// Whether a v3-family kernel symbol merges its splits itself (v6, v6f).
-fn symbol_merges(symbol: &str) -> bool {
-    symbol.starts_with("paged_attention_v6")
+/// The split kernel of a v3-family variant: v7 is v5's kernel with
+/// `paged_attention_merge2`.
+fn kernel_of(variant: &str) -> &str {
+    match variant {
+        "v7" => "v5",
+        v => v,
+    }
 }
 
 /// True when [`paged_attention_fused_qkv`] takes this storage type and
@@ -756,16 +749,16 @@ pub fn paged_attention_fused_qkv<T: Storage>(
         });
     }
     let v = match variant {
-        "v3" | "v5" | "v6" => v3_family::<T>(variant, &d),
+        "v3" | "v5" | "v7" => v3_family::<T>(variant, &d),
         other => {
             return Err(KernelError::Unsupported {
                 op: F,
-                what: format!("variant `{other}` (fused: v3, v5, v6)"),
+                what: format!("variant `{other}` (fused: v3, v5, v7)"),
             })
         }
     };
-    let symbol = format!("paged_attention_{v}f_d{}", d.head_dim);
-    let (f, launch) = v3_plan::<T>(gpu, symbol, d)?;
+    let symbol = format!("paged_attention_{}f_d{}", kernel_of(v), d.head_dim);
+    let (f, launch) = v3_plan::<T>(gpu, symbol, d, v == "v7")?;
     let inputs = Inputs::Fused { a, rope };
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
@@ -773,6 +766,38 @@ pub fn paged_attention_fused_qkv<T: Storage>(
 #[cfg(test)]
 mod tests {
     use super::{v2_splits, v3_smem_bytes, v3_splits};
+
+    #[test]
+    fn v7_runs_v5s_kernel_where_v5_takes_the_case_and_v3_elsewhere() {
+        use super::{kernel_of, v3_family, PagedAttentionDims};
+        let d = PagedAttentionDims {
+            batch: 4,
+            q_heads: 14,
+            kv_heads: 2,
+            head_dim: 64,
+            block_size: 16,
+            num_blocks: 64,
+            max_blocks_per_seq: 16,
+            scale: 0.125,
+            max_split_tokens: 0,
+        };
+        type B = half::bf16;
+        assert_eq!(v3_family::<B>("v7", &d), "v7");
+        assert_eq!(kernel_of("v7"), "v5");
+        assert_eq!(v3_family::<B>("v5", &d), "v5");
+        assert_eq!(v3_family::<B>("v3", &d), "v3");
+        // Block size 24 (not a power of two), f32 storage, a negative scale:
+        // v5's kernel refuses, so v7 and v5 run v3 (old merge).
+        let odd = PagedAttentionDims {
+            block_size: 24,
+            ..d
+        };
+        assert_eq!(v3_family::<B>("v7", &odd), "v3");
+        assert_eq!(v3_family::<f32>("v7", &d), "v3");
+        let neg = PagedAttentionDims { scale: -0.125, ..d };
+        assert_eq!(v3_family::<B>("v7", &neg), "v3");
+        assert_eq!(kernel_of("v3"), "v3");
+    }
 
     #[test]
     fn a_split_cap_spreads_long_contexts_over_whole_tiles() {

@@ -59,9 +59,12 @@ const VARIANTS: &[Variant] = &[
         note: "v3 with a quarter of its instructions: one block-table load per 16-token chunk (power-of-two blocks >= 16; others run v3), ex2.approx, rescale only when the max grows, masking only the last chunk, block ids in batches of 32 chunks, loop-invariant copy offsets",
         production: false,
     },
+    // v6 (v5 merging in its last split block, isolated from v4's other
+    // change) was slower again, by 2.2 us at batch 1, and reverted:
+    // CHALLENGES #28.
     Variant {
-        name: "v6",
-        note: "v5 with the split merge done by the last split block of each (sequence, kv head): u32 ticket counters in the scratch, fence, merge in split order (v5's arithmetic); one launch a step instead of two",
+        name: "v7",
+        note: "v5's kernel with paged_attention_merge2: each split's (max, sum) loaded by the block in parallel, weights computed once in shared memory, the weighted sum over splits with independent loads (the old merge chained dependent loads per split)",
         production: true,
     },
 ];
