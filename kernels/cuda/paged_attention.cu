@@ -393,9 +393,11 @@ __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __r
 // (thread t takes splits t, t + 128, ...), reduces the max and the sum over
 // the block in a fixed order (deterministic), stores the weights
 // w_s = exp(m_s - M) once, and each output element's thread then sums
-// w_s o_s in split order with loads that do not wait on each other.
+// w_s o_s in split order with loads that do not wait on each other. Up to
+// 32 splits, each warp does the reductions with shuffles instead, with no
+// block barrier (the block-wide path ran 0.46 us behind v5's merge at
+// batch 64 x 1024, where there are 4 splits and 896 merge blocks).
 // Needs splits <= PA_MERGE2_MAX (the launcher sends more to the old merge).
-// Up to 32 splits the launcher runs paged_attention_merge2w instead.
 #define PA_MERGE2_MAX 1024
 template <typename T>
 __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __restrict__ part_o,
@@ -409,6 +411,37 @@ __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __
     const i64 row = (i64)b * q_heads + h;
     const float2* ml = reinterpret_cast<const float2*>(part_ml) + row * splits;
     const float* po = part_o + row * splits * head_dim;
+    if (splits <= 32) {
+        // Up to 32 splits (most decode steps): every warp reduces them on its
+        // own with shuffles (lane s holds split s), with no block barrier; its
+        // weights go to its own row of s_w for the output loop.
+        const int lane = threadIdx.x & 31;
+        float* w_row = s_w + (threadIdx.x >> 5) * 32;
+        float m = WB_NEG_INF, l = 0.f;
+        if (lane < splits) {
+            const float2 v = ml[lane];
+            m = v.x;
+            l = v.y;
+        }
+        const bool bad = __any_sync(0xffffffffu, m != m);
+        const float M = warp_max(m);
+        const float w = m == WB_NEG_INF ? 0.f : expf(m - M);  // 0 past the splits too
+        const float L = warp_sum(l * w);
+        w_row[lane] = w;
+        __syncwarp();
+        for (int j = threadIdx.x; j < head_dim; j += blockDim.x) {
+            float o = 0.f;
+#pragma unroll 8
+            for (int s = 0; s < splits; ++s) {
+                const float ws = w_row[s];
+                const float v = po[(i64)s * head_dim + j];
+                o += ws != 0.f ? v * ws : 0.f;
+            }
+            o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
+            out[row * head_dim + j] = from_f32<T>(o);
+        }
+        return;
+    }
     float mx = WB_NEG_INF;
     int bad = 0;
     for (int s = threadIdx.x; s < splits; s += blockDim.x) {
@@ -446,51 +479,6 @@ __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __
     }
 }
 
-// v7's merge for up to 32 splits (most decode steps): one warp per
-// (sequence, query head) row, 4 rows per block. Lane s holds split s's
-// (m, l); the max and the weighted sum are warp shuffles in a fixed order
-// (deterministic), the weights go to the warp's own row of shared memory,
-// and each lane sums w_s o_s over the splits for its output elements with
-// independent loads. No block barrier, and a quarter of the blocks of a
-// block-per-row merge: ncu put paged_attention_merge2 (896 blocks of one
-// row each, block-wide barriers) at 5.6 us after a 19.9 us split kernel at
-// batch 64 x 1024. rows = batch * q_heads.
-template <typename T>
-__device__ void paged_attention_merge2w_impl(T* __restrict__ out, const float* __restrict__ part_o,
-                                             const float* __restrict__ part_ml, int rows,
-                                             int head_dim, int splits) {
-    pdl_wait();
-    __shared__ float s_w[4][32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const i64 row = (i64)blockIdx.x * 4 + warp;
-    if (row >= rows) return;  // whole warps only: no barrier below
-    const float2* ml = reinterpret_cast<const float2*>(part_ml) + row * splits;
-    float m = WB_NEG_INF, l = 0.f;
-    if (lane < splits) {
-        const float2 v = ml[lane];
-        m = v.x;
-        l = v.y;
-    }
-    const bool bad = __any_sync(0xffffffffu, m != m);
-    const float M = warp_max(m);
-    const float w = m == WB_NEG_INF ? 0.f : expf(m - M);  // 0 past the splits too
-    const float L = warp_sum(l * w);
-    s_w[warp][lane] = w;
-    __syncwarp();
-    const float* po = part_o + row * splits * head_dim;
-    for (int j = lane; j < head_dim; j += 32) {
-        float o = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) {
-            const float ws = s_w[warp][s];
-            const float v = po[(i64)s * head_dim + j];
-            o += ws != 0.f ? v * ws : 0.f;
-        }
-        o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
-        out[row * head_dim + j] = from_f32<T>(o);
-    }
-}
-
 #define WB_PAGED_ATTENTION_V2(T, S)                                                              \
     extern "C" __global__ void __launch_bounds__(PA2_THREADS) paged_attention_v2_##S(            \
         T* out, float* part_o, float* part_ml, const T* q, const T* k_cache, const T* v_cache,   \
@@ -510,10 +498,6 @@ __device__ void paged_attention_merge2w_impl(T* __restrict__ out, const float* _
         T* out, const float* part_o, const float* part_ml, int q_heads, int head_dim,            \
         int splits) {                                                                            \
         paged_attention_merge2_impl<T>(out, part_o, part_ml, q_heads, head_dim, splits);         \
-    }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) paged_attention_merge2w_##S(               \
-        T* out, const float* part_o, const float* part_ml, int rows, int head_dim, int splits) { \
-        paged_attention_merge2w_impl<T>(out, part_o, part_ml, rows, head_dim, splits);           \
     }
 WB_FOR_EACH_DTYPE(WB_PAGED_ATTENTION_V2)
 
@@ -807,7 +791,7 @@ __device__ __forceinline__ void pa3_load_q(unsigned (&qa)[Pa3Cfg<D>::KSTEPS][4],
 // The end of a v3/v5 split: the warps' (max, sum, accumulator) merged
 // through shared memory in a fixed order, then the output (one split) or
 // the split's partials for the merge kernel.
-template <typename T, int D, int PADW = 0>
+template <typename T, int D>
 __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restrict__ part_o,
                                            float* __restrict__ part_ml, unsigned char* smem,
                                            Pa3Shared& sh, const float (&acc)[D / 8][4], float m0,
@@ -826,12 +810,6 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
     __syncthreads();         // every warp is done with its ring (and sh.bad is initialized)
 
     // Merge the warps: partial outputs to shared memory, [warp][16 rows][D].
-    // [warp][16 rows][D + PADW] f32. v7 pads each row by 8 floats: with a
-    // stride of D floats the 8 rows g of a float2 store all start in the
-    // same bank (ncu: 6.2-way conflicts on v5's finish at batch 64); a
-    // stride = 8 (mod 32) puts rows 0-3 of a half-warp in distinct banks.
-    constexpr int WS = D + PADW;
-    static_assert(PA3_WARPS * 16 * WS * 4 <= Pa3Cfg<D>::SMEM_BYTES, "merge buffer fits the ring");
     float* wacc = reinterpret_cast<float*>(smem);
     if (bad && lane == 0) sh.bad = 1;
     if (c == 0) {
@@ -842,8 +820,8 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
     }
 #pragma unroll
     for (int nn = 0; nn < NT; ++nn) {
-        float* r0 = wacc + (warp * 16 + g) * WS + nn * 8 + 2 * c;
-        float* r1 = wacc + (warp * 16 + g + 8) * WS + nn * 8 + 2 * c;
+        float* r0 = wacc + (warp * 16 + g) * D + nn * 8 + 2 * c;
+        float* r1 = wacc + (warp * 16 + g + 8) * D + nn * 8 + 2 * c;
         *reinterpret_cast<float2*>(r0) = make_float2(acc[nn][0], acc[nn][1]);
         *reinterpret_cast<float2*>(r1) = make_float2(acc[nn][2], acc[nn][3]);
     }
@@ -874,7 +852,7 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
 #pragma unroll
         for (int w = 0; w < PA3_WARPS; ++w) {
             const float wgt = sh.w[w][h];
-            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * WS + d);
+            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * D + d);
             o[0] += a.x * wgt;
             o[1] += a.y * wgt;
             o[2] += a.z * wgt;
@@ -1111,16 +1089,15 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
 // Same fused prologue as v3 (v5f). Needs scale > 0 (the max is taken before
 // scaling); the launcher sends other scales to v3.
 //
-// v7 is v5's kernel with the finish's shared-memory rows padded against
-// bank conflicts (pa3_finish's PADW), and with paged_attention_merge2w /
-// paged_attention_merge2 (above), merges whose loads run in parallel.
+// v7 is v5's kernel with paged_attention_merge2 (above), a merge whose
+// loads run in parallel; the variant lives in the launcher.
 __device__ __forceinline__ float pa5_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 
-template <typename T, int D, bool FUSED, int PADW = 0, int STAGES = Pa3Cfg<D>::STAGES>
+template <typename T, int D, bool FUSED, int STAGES = Pa3Cfg<D>::STAGES>
 __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__ part_o,
                                         float* __restrict__ part_ml, const T* __restrict__ q,
                                         T* __restrict__ k_cache, T* __restrict__ v_cache,
@@ -1374,26 +1351,23 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         l1 += (u1.x + u1.y) + (u3.x + u3.y);
         pa3_pv<T, D>(acc, pa, st + v_lane);
     }
-    pa3_finish<T, D, PADW>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
+    pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
                      split, splits);
 }
 
 // One entry point per (head_dim, 16-bit storage type):
-// paged_attention_{v3,v5,v7}_d{D}_{bf16,f16}, and the fused prologue's
-// paged_attention_{v3,v5,v7}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
+// paged_attention_{v3,v5}_d{D}_{bf16,f16}, and the fused prologue's
+// paged_attention_{v3,v5}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
 // register budget must allow (the ring of a d128 block is 102 KiB).
-#define WB_PAGED_ATTENTION_V3(T, S, D)                                                         \
-    WB_PA3_ENTRIES(T, S, D, v3, v3, ) WB_PA3_ENTRIES(T, S, D, v5, v5, ) WB_PA3_ENTRIES(T, S, D, v7, v5, WB_PA7_PAD)
-// v7's split kernel: v5's body with the finish's rows padded (pa3_finish).
-#define WB_PA7_PAD , 8
-#define WB_PA3_ENTRIES(T, S, D, V, IMPL, PAD)                                                    \
+#define WB_PAGED_ATTENTION_V3(T, S, D) WB_PA3_ENTRIES(T, S, D, v3) WB_PA3_ENTRIES(T, S, D, v5)
+#define WB_PA3_ENTRIES(T, S, D, V)                                                               \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
         paged_attention_##V##_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
                                       const T* k_cache, const T* v_cache,                        \
                                       const int* block_tables, const int* context_lens,          \
                                       float scale, int q_heads, int kv_heads, int block_size,    \
                                       int max_blocks_per_seq, int num_blocks, int split_tokens) { \
-        paged_attention_##IMPL##_impl<T, D, false PAD>(                                          \
+        paged_attention_##V##_impl<T, D, false>(                                                 \
             out, part_o, part_ml, q, const_cast<T*>(k_cache), const_cast<T*>(v_cache),           \
             block_tables, context_lens, scale, q_heads, kv_heads, block_size,                    \
             max_blocks_per_seq, num_blocks, split_tokens, Pa3Fuse<T>{});                         \
@@ -1405,7 +1379,7 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
             int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks,                \
             int split_tokens, const T* bias, const int* positions, const float* cos_sin,         \
             const i64* slot_mapping, int max_positions, i64 num_slots) {                         \
-        paged_attention_##IMPL##_impl<T, D, true PAD>(                                           \
+        paged_attention_##V##_impl<T, D, true>(                                                  \
             out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
             q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
             Pa3Fuse<T>{bias, positions, cos_sin, slot_mapping, max_positions, num_slots});       \

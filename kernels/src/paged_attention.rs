@@ -416,36 +416,27 @@ fn launch_merge<T: Storage>(
     splits: usize,
     merge2: bool,
 ) -> Result<()> {
-    let name = merge_kernel(merge2, splits);
-    let m = typed_function::<T>(gpu, "paged_attention", name)?;
-    let (head_dim, splits_i) = (d.head_dim as i32, splits as i32);
-    // merge2w: one warp per (sequence, query head) row, 4 rows a block,
-    // and the row count in place of q_heads; the others: a block per row.
-    let (rows_or_heads, grid) = if name == "paged_attention_merge2w" {
-        let rows = d.batch * d.q_heads;
-        (
-            dim_i32(OP, "batch * q_heads", rows)?,
-            (grid_u32(OP, "batch * q_heads / 4", rows.div_ceil(4))?, 1, 1),
-        )
-    } else {
-        (
-            d.q_heads as i32,
-            (d.q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1),
-        )
+    let name = match merge2 && splits <= MERGE2_MAX {
+        true => "paged_attention_merge2",
+        false => "paged_attention_merge",
     };
+    let m = typed_function::<T>(gpu, "paged_attention", name)?;
+    let (q_heads, head_dim, splits_i) = (d.q_heads as i32, d.head_dim as i32, splits as i32);
     // SAFETY: reads the partials written by the split kernel (the caller
     // sized them batch*q_heads*splits*(head_dim + 2) floats), writes out
-    // (length checked by `paged_attention`); merge2w's grid covers the rows
-    // with whole warps and returns for rows past the last.
+    // (length checked by `paged_attention`).
     unsafe {
         Launch::new(gpu, &m)
             .arg(&*out)
             .arg(&*po)
             .arg(&*pml)
-            .arg(&rows_or_heads)
+            .arg(&q_heads)
             .arg(&head_dim)
             .arg(&splits_i)
-            .launch(cfg(grid, 128))
+            .launch(cfg(
+                (d.q_heads as u32, grid_u32(OP, "batch", d.batch)?, 1),
+                128,
+            ))
     }
     .map_err(KernelError::driver(format!("launch {name}")))?;
     Ok(())
@@ -514,7 +505,7 @@ fn launch_v3<T: Storage>(
             "v1",
         );
     }
-    let symbol = format!("paged_attention_{version}_d{}", d.head_dim);
+    let symbol = format!("paged_attention_{}_d{}", kernel_of(version), d.head_dim);
     let (f, launch) = v3_plan::<T>(gpu, symbol, d, version == "v7")?;
     let inputs = Inputs::Plain {
         q,
@@ -621,14 +612,12 @@ fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str 
     }
 }
 
-/// The merge kernel for `splits` splits: v7's (`merge2`) warp-per-row
-/// merge up to 32 splits, its block-per-row one up to `MERGE2_MAX`, the old
-/// merge (v2, v3, v5, and v7 beyond that).
-fn merge_kernel(merge2: bool, splits: usize) -> &'static str {
-    match (merge2, splits) {
-        (true, 0..=32) => "paged_attention_merge2w",
-        (true, s) if s <= MERGE2_MAX => "paged_attention_merge2",
-        _ => "paged_attention_merge",
+/// The split kernel of a v3-family variant: v7 is v5's kernel with
+/// `paged_attention_merge2`.
+fn kernel_of(variant: &str) -> &str {
+    match variant {
+        "v7" => "v5",
+        v => v,
     }
 }
 
@@ -768,7 +757,7 @@ pub fn paged_attention_fused_qkv<T: Storage>(
             })
         }
     };
-    let symbol = format!("paged_attention_{v}f_d{}", d.head_dim);
+    let symbol = format!("paged_attention_{}f_d{}", kernel_of(v), d.head_dim);
     let (f, launch) = v3_plan::<T>(gpu, symbol, d, v == "v7")?;
     let inputs = Inputs::Fused { a, rope };
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
@@ -780,7 +769,7 @@ mod tests {
 
     #[test]
     fn v7_runs_v5s_kernel_where_v5_takes_the_case_and_v3_elsewhere() {
-        use super::{v3_family, PagedAttentionDims};
+        use super::{kernel_of, v3_family, PagedAttentionDims};
         let d = PagedAttentionDims {
             batch: 4,
             q_heads: 14,
@@ -794,6 +783,7 @@ mod tests {
         };
         type B = half::bf16;
         assert_eq!(v3_family::<B>("v7", &d), "v7");
+        assert_eq!(kernel_of("v7"), "v5");
         assert_eq!(v3_family::<B>("v5", &d), "v5");
         assert_eq!(v3_family::<B>("v3", &d), "v3");
         // Block size 24 (not a power of two), f32 storage, a negative scale:
@@ -806,17 +796,7 @@ mod tests {
         assert_eq!(v3_family::<f32>("v7", &d), "v3");
         let neg = PagedAttentionDims { scale: -0.125, ..d };
         assert_eq!(v3_family::<B>("v7", &neg), "v3");
-    }
-
-    #[test]
-    fn v7_merges_by_warp_up_to_32_splits_then_by_block_then_the_old_way() {
-        use super::{merge_kernel, MERGE2_MAX};
-        assert_eq!(merge_kernel(true, 2), "paged_attention_merge2w");
-        assert_eq!(merge_kernel(true, 32), "paged_attention_merge2w");
-        assert_eq!(merge_kernel(true, 33), "paged_attention_merge2");
-        assert_eq!(merge_kernel(true, MERGE2_MAX), "paged_attention_merge2");
-        assert_eq!(merge_kernel(true, MERGE2_MAX + 1), "paged_attention_merge");
-        assert_eq!(merge_kernel(false, 4), "paged_attention_merge");
+        assert_eq!(kernel_of("v3"), "v3");
     }
 
     #[test]

@@ -64,7 +64,7 @@ const VARIANTS: &[Variant] = &[
     // CHALLENGES #28.
     Variant {
         name: "v7",
-        note: "v5's kernel with its end-of-split rows padded against shared-memory bank conflicts, and a merge with parallel loads: one warp per (sequence, head) row up to 32 splits (shuffle reductions, no block barrier), a block per row up to 1024 (the old merge chained dependent loads per split)",
+        note: "v5's kernel with paged_attention_merge2: each split's (max, sum) loaded by the block in parallel, weights computed once in shared memory, the weighted sum over splits with independent loads (the old merge chained dependent loads per split)",
         production: true,
     },
 ];
