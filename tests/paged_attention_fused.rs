@@ -1,8 +1,8 @@
 //! `paged_attention_fused_qkv` (v3f and v5f, kernels/cuda/paged_attention.cu;
-//! v7 is v5f with v7's merge),
+//! v7 is v5f with v7's merge, v8 v7 with padded rows),
 //! the engine's decode attention straight from its q|k|v projection, must be
 //! bit-identical to the two launches it replaces: `qkv_rope_kv_store` (bias,
-//! RoPE, store of the new token) then `paged_attention` v3, v5 or v7, each checked
+//! RoPE, store of the new token) then `paged_attention` v3, v5, v7 or v8, each checked
 //! against its f64 CPU reference by `workbench check` and the GPU
 //! proptests. Same output bits and same cache bits, over ragged contexts
 //! around the block edges, long ones that split, a split cap, block sizes
@@ -43,7 +43,7 @@ fn bits<T: Storage>(v: &[T]) -> Vec<u64> {
 }
 
 fn run<T: Storage>(gpu: &Gpu, seed: u64) {
-    for variant in ["v3", "v5", "v7"] {
+    for variant in ["v3", "v5", "v7", "v8"] {
         run_variant::<T>(gpu, seed, variant);
     }
 }

@@ -791,7 +791,7 @@ __device__ __forceinline__ void pa3_load_q(unsigned (&qa)[Pa3Cfg<D>::KSTEPS][4],
 // The end of a v3/v5 split: the warps' (max, sum, accumulator) merged
 // through shared memory in a fixed order, then the output (one split) or
 // the split's partials for the merge kernel.
-template <typename T, int D>
+template <typename T, int D, int PADW = 0>
 __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restrict__ part_o,
                                            float* __restrict__ part_ml, unsigned char* smem,
                                            Pa3Shared& sh, const float (&acc)[D / 8][4], float m0,
@@ -810,6 +810,12 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
     __syncthreads();         // every warp is done with its ring (and sh.bad is initialized)
 
     // Merge the warps: partial outputs to shared memory, [warp][16 rows][D].
+    // [warp][16 rows][D + PADW] f32. v8 pads each row by 8 floats: with a
+    // stride of D floats the 8 rows g of a float2 store all start in the
+    // same bank (ncu: 6.2-way conflicts on v5's finish at batch 64); a
+    // stride = 8 (mod 32) puts rows 0-3 of a half-warp in distinct banks.
+    constexpr int WS = D + PADW;
+    static_assert(PA3_WARPS * 16 * WS * 4 <= Pa3Cfg<D>::SMEM_BYTES, "merge buffer fits the ring");
     float* wacc = reinterpret_cast<float*>(smem);
     if (bad && lane == 0) sh.bad = 1;
     if (c == 0) {
@@ -820,8 +826,8 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
     }
 #pragma unroll
     for (int nn = 0; nn < NT; ++nn) {
-        float* r0 = wacc + (warp * 16 + g) * D + nn * 8 + 2 * c;
-        float* r1 = wacc + (warp * 16 + g + 8) * D + nn * 8 + 2 * c;
+        float* r0 = wacc + (warp * 16 + g) * WS + nn * 8 + 2 * c;
+        float* r1 = wacc + (warp * 16 + g + 8) * WS + nn * 8 + 2 * c;
         *reinterpret_cast<float2*>(r0) = make_float2(acc[nn][0], acc[nn][1]);
         *reinterpret_cast<float2*>(r1) = make_float2(acc[nn][2], acc[nn][3]);
     }
@@ -852,7 +858,7 @@ __device__ __forceinline__ void pa3_finish(T* __restrict__ out, float* __restric
 #pragma unroll
         for (int w = 0; w < PA3_WARPS; ++w) {
             const float wgt = sh.w[w][h];
-            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * D + d);
+            const float4 a = *reinterpret_cast<const float4*>(wacc + (w * 16 + h) * WS + d);
             o[0] += a.x * wgt;
             o[1] += a.y * wgt;
             o[2] += a.z * wgt;
@@ -1090,14 +1096,16 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
 // scaling); the launcher sends other scales to v3.
 //
 // v7 is v5's kernel with paged_attention_merge2 (above), a merge whose
-// loads run in parallel; the variant lives in the launcher.
+// loads run in parallel; the variant lives in the launcher. v8 is v7 with
+// the end-of-split rows padded (pa3_finish's PADW): one change, to time
+// alone.
 __device__ __forceinline__ float pa5_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 
-template <typename T, int D, bool FUSED, int STAGES = Pa3Cfg<D>::STAGES>
+template <typename T, int D, bool FUSED, int PADW = 0, int STAGES = Pa3Cfg<D>::STAGES>
 __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__ part_o,
                                         float* __restrict__ part_ml, const T* __restrict__ q,
                                         T* __restrict__ k_cache, T* __restrict__ v_cache,
@@ -1351,23 +1359,26 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
         l1 += (u1.x + u1.y) + (u3.x + u3.y);
         pa3_pv<T, D>(acc, pa, st + v_lane);
     }
-    pa3_finish<T, D>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
+    pa3_finish<T, D, PADW>(out, part_o, part_ml, pa3_smem, sh, acc, m0, m1, l0, l1, bad, b, kvh, G, q_heads,
                      split, splits);
 }
 
 // One entry point per (head_dim, 16-bit storage type):
-// paged_attention_{v3,v5}_d{D}_{bf16,f16}, and the fused prologue's
-// paged_attention_{v3,v5}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
+// paged_attention_{v3,v5,v8}_d{D}_{bf16,f16}, and the fused prologue's
+// paged_attention_{v3,v5,v8}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
 // register budget must allow (the ring of a d128 block is 102 KiB).
-#define WB_PAGED_ATTENTION_V3(T, S, D) WB_PA3_ENTRIES(T, S, D, v3) WB_PA3_ENTRIES(T, S, D, v5)
-#define WB_PA3_ENTRIES(T, S, D, V)                                                               \
+#define WB_PAGED_ATTENTION_V3(T, S, D)                                                         \
+    WB_PA3_ENTRIES(T, S, D, v3, v3, ) WB_PA3_ENTRIES(T, S, D, v5, v5, ) WB_PA3_ENTRIES(T, S, D, v8, v5, WB_PA8_PAD)
+// v8's split kernel: v5's body with the finish's rows padded (pa3_finish).
+#define WB_PA8_PAD , 8
+#define WB_PA3_ENTRIES(T, S, D, V, IMPL, PAD)                                                    \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
         paged_attention_##V##_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \
                                       const T* k_cache, const T* v_cache,                        \
                                       const int* block_tables, const int* context_lens,          \
                                       float scale, int q_heads, int kv_heads, int block_size,    \
                                       int max_blocks_per_seq, int num_blocks, int split_tokens) { \
-        paged_attention_##V##_impl<T, D, false>(                                                 \
+        paged_attention_##IMPL##_impl<T, D, false PAD>(                                          \
             out, part_o, part_ml, q, const_cast<T*>(k_cache), const_cast<T*>(v_cache),           \
             block_tables, context_lens, scale, q_heads, kv_heads, block_size,                    \
             max_blocks_per_seq, num_blocks, split_tokens, Pa3Fuse<T>{});                         \
@@ -1379,7 +1390,7 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
             int kv_heads, int block_size, int max_blocks_per_seq, int num_blocks,                \
             int split_tokens, const T* bias, const int* positions, const float* cos_sin,         \
             const i64* slot_mapping, int max_positions, i64 num_slots) {                         \
-        paged_attention_##V##_impl<T, D, true>(                                                  \
+        paged_attention_##IMPL##_impl<T, D, true PAD>(                                           \
             out, part_o, part_ml, qkv, k_cache, v_cache, block_tables, context_lens, scale,      \
             q_heads, kv_heads, block_size, max_blocks_per_seq, num_blocks, split_tokens,         \
             Pa3Fuse<T>{bias, positions, cos_sin, slot_mapping, max_positions, num_slots});       \

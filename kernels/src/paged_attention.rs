@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v7"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v7", "v8"];
 pub const PRODUCTION: &str = "v7";
 
 /// v2's launch constants (paged_attention.cu).
@@ -170,8 +170,8 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        // v7/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
-        "v3" | "v5" | "v7" => {
+        // v8/v7/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
+        "v3" | "v5" | "v7" | "v8" => {
             let v = v3_family::<T>(variant, &d);
             let (o, tb, cl) = (out, block_tables, context_lens);
             return launch_v3(gpu, o, q, k_cache, v_cache, tb, cl, d, v);
@@ -506,7 +506,7 @@ fn launch_v3<T: Storage>(
         );
     }
     let symbol = format!("paged_attention_{}_d{}", kernel_of(version), d.head_dim);
-    let (f, launch) = v3_plan::<T>(gpu, symbol, d, version == "v7")?;
+    let (f, launch) = v3_plan::<T>(gpu, symbol, d, uses_merge2(version))?;
     let inputs = Inputs::Plain {
         q,
         k_cache,
@@ -607,18 +607,24 @@ fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
 fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str {
     match variant {
         "v7" if v5_takes::<T>(d) => "v7",
-        "v5" | "v7" if v5_takes::<T>(d) => "v5",
+        "v8" if v5_takes::<T>(d) => "v8",
+        "v5" if v5_takes::<T>(d) => "v5",
         _ => "v3",
     }
 }
 
 /// The split kernel of a v3-family variant: v7 is v5's kernel with
-/// `paged_attention_merge2`.
+/// `paged_attention_merge2`; v8 has its own (v5's, rows padded) with it.
 fn kernel_of(variant: &str) -> &str {
     match variant {
         "v7" => "v5",
         v => v,
     }
+}
+
+/// Whether a v3-family variant merges with `paged_attention_merge2`.
+fn uses_merge2(variant: &str) -> bool {
+    matches!(variant, "v7" | "v8")
 }
 
 /// True when [`paged_attention_fused_qkv`] takes this storage type and
@@ -749,16 +755,16 @@ pub fn paged_attention_fused_qkv<T: Storage>(
         });
     }
     let v = match variant {
-        "v3" | "v5" | "v7" => v3_family::<T>(variant, &d),
+        "v3" | "v5" | "v7" | "v8" => v3_family::<T>(variant, &d),
         other => {
             return Err(KernelError::Unsupported {
                 op: F,
-                what: format!("variant `{other}` (fused: v3, v5, v7)"),
+                what: format!("variant `{other}` (fused: v3, v5, v7, v8)"),
             })
         }
     };
     let symbol = format!("paged_attention_{}f_d{}", kernel_of(v), d.head_dim);
-    let (f, launch) = v3_plan::<T>(gpu, symbol, d, v == "v7")?;
+    let (f, launch) = v3_plan::<T>(gpu, symbol, d, uses_merge2(v))?;
     let inputs = Inputs::Fused { a, rope };
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
@@ -797,6 +803,9 @@ mod tests {
         let neg = PagedAttentionDims { scale: -0.125, ..d };
         assert_eq!(v3_family::<B>("v7", &neg), "v3");
         assert_eq!(kernel_of("v3"), "v3");
+        assert_eq!(v3_family::<B>("v8", &d), "v8");
+        assert_eq!(kernel_of("v8"), "v8");
+        assert_eq!(v3_family::<B>("v8", &odd), "v3");
     }
 
     #[test]
