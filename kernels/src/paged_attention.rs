@@ -13,7 +13,7 @@ const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
 pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v7", "v8"];
-pub const PRODUCTION: &str = "v7";
+pub const PRODUCTION: &str = "v8";
 
 /// v2's launch constants (paged_attention.cu).
 const V2_THREADS: u32 = 128;

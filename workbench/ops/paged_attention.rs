@@ -65,12 +65,12 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "v7",
         note: "v5's kernel with paged_attention_merge2: each split's (max, sum) loaded by the block in parallel, weights computed once in shared memory, the weighted sum over splits with independent loads (the old merge chained dependent loads per split)",
-        production: true,
+        production: false,
     },
     Variant {
         name: "v8",
         note: "v7 with the split kernel's end-of-split rows padded to head_dim + 8 floats (ncu: 6.2-way shared-memory bank conflicts in v5's finish at batch 64); one change against v7, timed alone",
-        production: false,
+        production: true,
     },
 ];
 
