@@ -399,6 +399,26 @@ __device__ void paged_attention_merge_impl(T* __restrict__ out, const float* __r
 // batch 64 x 1024, where there are 4 splits and 896 merge blocks).
 // Needs splits <= PA_MERGE2_MAX (the launcher sends more to the old merge).
 #define PA_MERGE2_MAX 1024
+// merge2's output: out_row[j] = sum_s w[s] po[s][j] / L, in split order,
+// over j = threadIdx.x, threadIdx.x + blockDim.x, ... (NaN when bad, 0 when
+// L = 0). w (shared memory) is 0 for an empty split, whose o_s is skipped;
+// the loads do not wait on each other.
+template <typename T>
+__device__ __forceinline__ void pa_merge_store(T* __restrict__ out_row, const float* po,
+                                               const float* w, int head_dim, int splits,
+                                               float L, bool bad) {
+    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) {
+        float o = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) {
+            const float ws = w[s];
+            const float v = po[(i64)s * head_dim + j];
+            o += ws != 0.f ? v * ws : 0.f;
+        }
+        o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
+        out_row[j] = from_f32<T>(o);
+    }
+}
 template <typename T>
 __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __restrict__ part_o,
                                             const float* __restrict__ part_ml, int q_heads,
@@ -429,17 +449,7 @@ __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __
         const float L = warp_sum(l * w);
         w_row[lane] = w;
         __syncwarp();
-        for (int j = threadIdx.x; j < head_dim; j += blockDim.x) {
-            float o = 0.f;
-#pragma unroll 8
-            for (int s = 0; s < splits; ++s) {
-                const float ws = w_row[s];
-                const float v = po[(i64)s * head_dim + j];
-                o += ws != 0.f ? v * ws : 0.f;
-            }
-            o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
-            out[row * head_dim + j] = from_f32<T>(o);
-        }
+        pa_merge_store<T>(out + row * head_dim, po, w_row, head_dim, splits, L, bad);
         return;
     }
     float mx = WB_NEG_INF;
@@ -466,17 +476,7 @@ __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __
         l += s_l[s] * w;
     }
     const float L = block_sum(l, s_red);  // its barriers also publish s_w
-    for (int j = threadIdx.x; j < head_dim; j += blockDim.x) {
-        float o = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) {
-            const float w = s_w[s];
-            const float v = po[(i64)s * head_dim + j];
-            o += w != 0.f ? v * w : 0.f;
-        }
-        o = bad ? WB_NAN : (L == 0.f ? 0.f : o / L);
-        out[row * head_dim + j] = from_f32<T>(o);
-    }
+    pa_merge_store<T>(out + row * head_dim, po, s_w, head_dim, splits, L, bad);
 }
 
 #define WB_PAGED_ATTENTION_V2(T, S)                                                              \
