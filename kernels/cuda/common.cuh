@@ -147,6 +147,20 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(t);
 }
 
+// Max over the whole block, as block_sum (exact in any order; NaN is
+// ignored, as fmaxf does). `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < warps ? scratch[lane] : WB_NEG_INF;
+    return warp_max(t);
+}
+
 // Instantiate `extern "C"` entry points named NAME_bf16, NAME_f16 and NAME_f32
 // from a template kernel body. The macro keeps one source per kernel while the
 // host picks the symbol by storage type.

@@ -461,13 +461,9 @@ __device__ void paged_attention_merge2_impl(T* __restrict__ out, const float* __
         bad |= v.x != v.x;
         mx = fmaxf(mx, v.x);
     }
-    // Block max (exact in any order); a NaN max anywhere marks the row bad.
+    // A NaN max anywhere marks the row bad.
     bad = __syncthreads_or(bad);
-    mx = warp_max(mx);
-    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    mx = (threadIdx.x & 31) < (int)(blockDim.x >> 5) ? s_red[threadIdx.x & 31] : WB_NEG_INF;
-    const float M = warp_max(mx);
+    const float M = block_max(mx, s_red);
     float l = 0.f;
     for (int s = threadIdx.x; s < splits; s += blockDim.x) {
         const float m = s_w[s];

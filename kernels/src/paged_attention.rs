@@ -276,7 +276,7 @@ struct SplitLaunch {
     smem: u32,
     /// v2 takes head_dim as an argument; v3 has it compiled in.
     head_dim_arg: bool,
-    /// v7: merge the splits with `paged_attention_merge2` (parallel loads).
+    /// v7, v8: merge the splits with `paged_attention_merge2` (parallel loads).
     merge2: bool,
     splits: usize,
     split_tokens: usize,
@@ -468,8 +468,8 @@ fn v3_aligned<T: Storage>(
 /// entry point go to v2 as well, and buffers that are not 16-byte aligned
 /// (a view at an odd offset) to v1, the only variant without vector loads.
 /// Shapes were checked by the caller. `version` "v5" runs v5 (the caller
-/// checked `v5_takes`) on the same path, and "v7" v5's kernel with
-/// `paged_attention_merge2`.
+/// checked `v5_takes`) on the same path, "v7" v5's kernel with
+/// `paged_attention_merge2`, and "v8" its padded-rows kernel with it.
 #[allow(clippy::too_many_arguments)]
 fn launch_v3<T: Storage>(
     gpu: &Gpu,
@@ -601,9 +601,9 @@ fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
         && d.scale > 0.0
 }
 
-/// The v3-family variant that runs `variant` ("v3", "v5" or "v7") on this
-/// case: v7 and v5 where v5's kernel takes it, v3 (with its own fallbacks)
-/// elsewhere.
+/// The v3-family variant that runs `variant` ("v3", "v5", "v7" or "v8") on
+/// this case: v8, v7 and v5 where v5's kernel takes it, v3 (with its own
+/// fallbacks) elsewhere.
 fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str {
     match variant {
         "v7" if v5_takes::<T>(d) => "v7",
