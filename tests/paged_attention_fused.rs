@@ -43,7 +43,7 @@ fn bits<T: Storage>(v: &[T]) -> Vec<u64> {
 }
 
 fn run<T: Storage>(gpu: &Gpu, seed: u64) {
-    for variant in ["v3", "v5", "v7", "v8"] {
+    for variant in ["v3", "v5", "v7", "v8", "v9"] {
         run_variant::<T>(gpu, seed, variant);
     }
 }

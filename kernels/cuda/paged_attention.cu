@@ -552,6 +552,11 @@ WB_FOR_EACH_DTYPE(WB_PAGED_ATTENTION_V2)
 template <int D> struct Pa3Cfg {
     static_assert(D % 16 == 0 && D <= 256, "head_dim a multiple of 16, at most 256");
     static constexpr int STAGES = D <= 128 ? 3 : 2;          // ring depth per warp
+    // v9's deep ring, for a plan of about one block per SM: 7 (5 at d128,
+    // 2 at d256) chunks in flight per warp instead of 2 (1), so 4 warps
+    // keep enough bytes in flight to draw an SM's share of HBM bandwidth.
+    // Must match v9_stages in kernels/src/paged_attention.rs.
+    static constexpr int DEEP = D <= 96 ? 8 : D <= 128 ? 6 : 3;
     static constexpr int RS = D + 8;                          // smem row stride, elements
     static constexpr int CPR = D / 8;                         // 16-byte pieces per row
     static constexpr int KSTEPS = D / 16;                     // k16 steps of Q K^T
@@ -1094,7 +1099,11 @@ __device__ void paged_attention_v3_impl(T* __restrict__ out, float* __restrict__
 // v7 is v5's kernel with paged_attention_merge2 (above), a merge whose
 // loads run in parallel; the variant lives in the launcher. v8 is v7 with
 // the end-of-split rows padded (pa3_finish's PADW): one change, to time
-// alone.
+// alone. v9 is v8's kernel with a deeper ring (Pa3Cfg::DEEP) under a plan
+// of the fewest splits that give every SM a block: at batch 64 x 1024 of
+// Qwen2-0.5B, one block per (sequence, kv head) and no merge, where v8 cut
+// each sequence into 8 splits of 128 tokens (short blocks whose start and
+// end latencies are not hidden, then a merge launch).
 __device__ __forceinline__ float pa5_ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -1360,13 +1369,16 @@ __device__ void paged_attention_v5_impl(T* __restrict__ out, float* __restrict__
 }
 
 // One entry point per (head_dim, 16-bit storage type):
-// paged_attention_{v3,v5,v8}_d{D}_{bf16,f16}, and the fused prologue's
-// paged_attention_{v3,v5,v8}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
+// paged_attention_{v3,v5,v8,v9}_d{D}_{bf16,f16}, and the fused prologue's
+// paged_attention_{v3,v5,v8,v9}f_d{D}_{bf16,f16}. 2 blocks per SM is the floor the
 // register budget must allow (the ring of a d128 block is 102 KiB).
 #define WB_PAGED_ATTENTION_V3(T, S, D)                                                         \
-    WB_PA3_ENTRIES(T, S, D, v3, v3, ) WB_PA3_ENTRIES(T, S, D, v5, v5, ) WB_PA3_ENTRIES(T, S, D, v8, v5, WB_PA8_PAD)
+    WB_PA3_ENTRIES(T, S, D, v3, v3, ) WB_PA3_ENTRIES(T, S, D, v5, v5, )                        \
+    WB_PA3_ENTRIES(T, S, D, v8, v5, WB_PA8_PAD) WB_PA3_ENTRIES(T, S, D, v9, v5, WB_PA9_DEEP(D))
 // v8's split kernel: v5's body with the finish's rows padded (pa3_finish).
 #define WB_PA8_PAD , 8
+// v9's deep-ring kernel: v8's with Pa3Cfg::DEEP ring stages per warp.
+#define WB_PA9_DEEP(D) , 8, Pa3Cfg<D>::DEEP
 #define WB_PA3_ENTRIES(T, S, D, V, IMPL, PAD)                                                    \
     extern "C" __global__ void __launch_bounds__(PA3_WARPS * 32, 2)                              \
         paged_attention_##V##_d##D##_##S(T* out, float* part_o, float* part_ml, const T* q,         \

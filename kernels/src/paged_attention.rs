@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 const OP: &str = "paged_attention";
 
 /// The variants, oldest first; the engine uses [`PRODUCTION`].
-pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v7", "v8"];
+pub const VARIANTS: &[&str] = &["v1", "v2", "v3", "v5", "v7", "v8", "v9"];
 pub const PRODUCTION: &str = "v8";
 
 /// v2's launch constants (paged_attention.cu).
@@ -43,6 +43,23 @@ const MERGE2_MAX: usize = 1024;
 /// tokens, K and V rows of head_dim + 8 16-bit elements (Pa3Cfg::SMEM_BYTES).
 fn v3_smem_bytes(head_dim: usize) -> usize {
     let stages = if head_dim <= 128 { 3 } else { 2 };
+    ring_smem_bytes(head_dim, stages)
+}
+
+/// v9's deep-ring kernel: its stages per warp (Pa3Cfg::DEEP) and dynamic
+/// shared memory.
+fn v9_smem_bytes(head_dim: usize) -> usize {
+    let stages = match head_dim {
+        0..=96 => 8,
+        97..=128 => 6,
+        _ => 3,
+    };
+    ring_smem_bytes(head_dim, stages)
+}
+
+/// Bytes of a v3-family ring: 4 warps x `stages` x (K and V) x 16 tokens x
+/// (head_dim + 8) 16-bit elements.
+fn ring_smem_bytes(head_dim: usize, stages: usize) -> usize {
     (V3_THREADS as usize / 32) * stages * 2 * 16 * (head_dim + 8) * 2
 }
 
@@ -65,6 +82,22 @@ pub fn v3_splits(
     let slots = sm_count.max(1) * blocks_per_sm.max(1);
     let tiles = max_ctx.div_ceil(V3_TILE).max(1);
     let want = (slots / ctas).clamp(1, tiles);
+    let split_tokens = tiles.div_ceil(want) * V3_TILE;
+    (max_ctx.div_ceil(split_tokens).max(1), split_tokens)
+}
+
+/// v9's split-KV plan: (splits, tokens per split). The fewest splits whose
+/// blocks cover nine in ten SMs, in whole 64-token tiles, never more splits
+/// than tiles. Where v3's plan fills a resident wave (8 blocks per SM at
+/// head_dim 64), this one leaves about one block per SM, each with a deep
+/// ring (v9's kernel), so a sequence is split only when the card would
+/// otherwise sit idle: no merge at all from batch x kv_heads >= 119 on an
+/// H100, and long splits whose start and end latencies are paid once.
+pub fn v9_splits(batch: usize, kv_heads: usize, max_ctx: usize, sm_count: usize) -> (usize, usize) {
+    let ctas = (batch * kv_heads).max(1);
+    let tiles = max_ctx.div_ceil(V3_TILE).max(1);
+    let fill = (sm_count.max(1) * 9).div_ceil(10);
+    let want = fill.div_ceil(ctas).clamp(1, tiles);
     let split_tokens = tiles.div_ceil(want) * V3_TILE;
     (max_ctx.div_ceil(split_tokens).max(1), split_tokens)
 }
@@ -171,7 +204,7 @@ pub fn paged_attention<T: Storage>(
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
         // v8/v7/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
-        "v3" | "v5" | "v7" | "v8" => {
+        "v3" | "v5" | "v7" | "v8" | "v9" => {
             let v = v3_family::<T>(variant, &d);
             let (o, tb, cl) = (out, block_tables, context_lens);
             return launch_v3(gpu, o, q, k_cache, v_cache, tb, cl, d, v);
@@ -276,7 +309,7 @@ struct SplitLaunch {
     smem: u32,
     /// v2 takes head_dim as an argument; v3 has it compiled in.
     head_dim_arg: bool,
-    /// v7, v8: merge the splits with `paged_attention_merge2` (parallel loads).
+    /// v7, v8, v9: merge the splits with `paged_attention_merge2` (parallel loads).
     merge2: bool,
     splits: usize,
     split_tokens: usize,
@@ -505,8 +538,7 @@ fn launch_v3<T: Storage>(
             "v1",
         );
     }
-    let symbol = format!("paged_attention_{}_d{}", kernel_of(version), d.head_dim);
-    let (f, launch) = v3_plan::<T>(gpu, symbol, d, uses_merge2(version))?;
+    let (f, launch) = v3_plan::<T>(gpu, version, "", d)?;
     let inputs = Inputs::Plain {
         q,
         k_cache,
@@ -515,16 +547,74 @@ fn launch_v3<T: Storage>(
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
 
-/// v3's (and v3f's, v5's, v5f's) function, shared memory opt-in and split
-/// plan for `symbol` (`paged_attention_v{3,5}{,f}_d{head_dim}`).
+/// v3's (and v3f's, v5's, v5f's, ...) function, shared memory opt-in and
+/// split plan for a v3-family `version` ("v3", "v5", "v7", "v8" or "v9";
+/// `fused` "f" for the fused entry points, "" otherwise).
 fn v3_plan<T: Storage>(
     gpu: &Gpu,
-    symbol: String,
+    version: &str,
+    fused: &str,
     d: PagedAttentionDims,
-    merge2: bool,
 ) -> Result<(cudarc::driver::CudaFunction, SplitLaunch)> {
-    let smem = v3_smem_bytes(d.head_dim);
-    let f = typed_function::<T>(gpu, "paged_attention", &symbol)?;
+    let sm_count = gpu.info().sm_count.max(1) as usize;
+    let max_ctx = d.max_blocks_per_seq * d.block_size;
+    let (kernel, smem, plan) = if version == "v9" {
+        // The fewest splits; the deep ring where every block is resident
+        // with it, v8's ring (more blocks per SM) where not.
+        let plan = cap_splits(
+            v9_splits(d.batch, d.kv_heads, max_ctx, sm_count),
+            max_ctx,
+            d.max_split_tokens,
+            V3_TILE,
+        );
+        let deep = v9_smem_bytes(d.head_dim);
+        let v9 = format!("paged_attention_v9{fused}_d{}", d.head_dim);
+        let (_, deep_per_sm) = ring_function::<T>(gpu, &v9, deep)?;
+        let blocks = d.batch * d.kv_heads * plan.0;
+        if blocks <= sm_count * deep_per_sm {
+            ("v9", deep, Some(plan))
+        } else {
+            ("v8", v3_smem_bytes(d.head_dim), Some(plan))
+        }
+    } else {
+        (kernel_of(version), v3_smem_bytes(d.head_dim), None)
+    };
+    let symbol = format!("paged_attention_{kernel}{fused}_d{}", d.head_dim);
+    let (f, per_sm) = ring_function::<T>(gpu, &symbol, smem)?;
+    let (splits, split_tokens) = match plan {
+        Some(p) => p,
+        None => cap_splits(
+            v3_splits(d.batch, d.kv_heads, max_ctx, sm_count, per_sm),
+            max_ctx,
+            d.max_split_tokens,
+            V3_TILE,
+        ),
+    };
+    // SAFETY (for launch_split): the callers checked that q (or qkv), out
+    // and both caches are 16-byte aligned and head_dim a multiple of 16, so
+    // every cp.async row piece, q pair and out quad is aligned; the group is
+    // at most 16 (the mma's rows); the dynamic shared memory is the kernel's
+    // ring size for this head_dim, opted into by ring_function.
+    let launch = SplitLaunch {
+        symbol,
+        threads: V3_THREADS,
+        smem: smem as u32,
+        head_dim_arg: false,
+        merge2: uses_merge2(version),
+        splits,
+        split_tokens,
+    };
+    Ok((f, launch))
+}
+
+/// A v3-family kernel with its `smem` bytes of dynamic shared memory opted
+/// into, and how many of its blocks fit on one SM (the occupancy API).
+fn ring_function<T: Storage>(
+    gpu: &Gpu,
+    symbol: &str,
+    smem: usize,
+) -> Result<(cudarc::driver::CudaFunction, usize)> {
+    let f = typed_function::<T>(gpu, "paged_attention", symbol)?;
     // More than the default 48 KiB of dynamic shared memory must be opted into.
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -539,37 +629,12 @@ fn v3_plan<T: Storage>(
     if per_sm == 0 {
         return Err(KernelError::Unsupported {
             op: OP,
-            what: format!("v3 with head_dim {}: {smem} bytes of shared memory per block do not fit this device", d.head_dim),
+            what: format!(
+                "{symbol}: {smem} bytes of shared memory per block do not fit this device"
+            ),
         });
     }
-    let max_ctx = d.max_blocks_per_seq * d.block_size;
-    let (splits, split_tokens) = cap_splits(
-        v3_splits(
-            d.batch,
-            d.kv_heads,
-            max_ctx,
-            gpu.info().sm_count.max(1) as usize,
-            per_sm as usize,
-        ),
-        max_ctx,
-        d.max_split_tokens,
-        V3_TILE,
-    );
-    // SAFETY (for launch_split): the callers checked that q (or qkv), out
-    // and both caches are 16-byte aligned and head_dim a multiple of 16, so
-    // every cp.async row piece, q pair and out quad is aligned; the group is
-    // at most 16 (the mma's rows); the dynamic shared memory is the kernel's
-    // ring size for this head_dim, opted into above.
-    let launch = SplitLaunch {
-        symbol,
-        threads: V3_THREADS,
-        smem: smem as u32,
-        head_dim_arg: false,
-        merge2,
-        splits,
-        split_tokens,
-    };
-    Ok((f, launch))
+    Ok((f, per_sm as usize))
 }
 
 /// v3f's inputs: the engine's fused projection before bias and RoPE, and the
@@ -601,13 +666,14 @@ fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
         && d.scale > 0.0
 }
 
-/// The v3-family variant that runs `variant` ("v3", "v5", "v7" or "v8") on
-/// this case: v8, v7 and v5 where v5's kernel takes it, v3 (with its own
+/// The v3-family variant that runs `variant` ("v3", "v5", "v7", "v8" or "v9") on
+/// this case: v9, v8, v7 and v5 where v5's kernel takes it, v3 (with its own
 /// fallbacks) elsewhere.
 fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str {
     match variant {
         "v7" if v5_takes::<T>(d) => "v7",
         "v8" if v5_takes::<T>(d) => "v8",
+        "v9" if v5_takes::<T>(d) => "v9",
         "v5" if v5_takes::<T>(d) => "v5",
         _ => "v3",
     }
@@ -624,7 +690,7 @@ fn kernel_of(variant: &str) -> &str {
 
 /// Whether a v3-family variant merges with `paged_attention_merge2`.
 fn uses_merge2(variant: &str) -> bool {
-    matches!(variant, "v7" | "v8")
+    matches!(variant, "v7" | "v8" | "v9")
 }
 
 /// True when [`paged_attention_fused_qkv`] takes this storage type and
@@ -755,16 +821,15 @@ pub fn paged_attention_fused_qkv<T: Storage>(
         });
     }
     let v = match variant {
-        "v3" | "v5" | "v7" | "v8" => v3_family::<T>(variant, &d),
+        "v3" | "v5" | "v7" | "v8" | "v9" => v3_family::<T>(variant, &d),
         other => {
             return Err(KernelError::Unsupported {
                 op: F,
-                what: format!("variant `{other}` (fused: v3, v5, v7, v8)"),
+                what: format!("variant `{other}` (fused: v3, v5, v7, v8, v9)"),
             })
         }
     };
-    let symbol = format!("paged_attention_{}f_d{}", kernel_of(v), d.head_dim);
-    let (f, launch) = v3_plan::<T>(gpu, symbol, d, uses_merge2(v))?;
+    let (f, launch) = v3_plan::<T>(gpu, v, "f", d)?;
     let inputs = Inputs::Fused { a, rope };
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
 }
@@ -806,6 +871,46 @@ mod tests {
         assert_eq!(v3_family::<B>("v8", &d), "v8");
         assert_eq!(kernel_of("v8"), "v8");
         assert_eq!(v3_family::<B>("v8", &odd), "v3");
+        assert_eq!(v3_family::<B>("v9", &d), "v9");
+        assert_eq!(kernel_of("v9"), "v9");
+        assert_eq!(v3_family::<B>("v9", &odd), "v3");
+        assert_eq!(v3_family::<f32>("v9", &d), "v3");
+        assert!(super::uses_merge2("v9") && !super::uses_merge2("v5"));
+    }
+
+    #[test]
+    fn v9_splits_only_to_give_every_sm_a_block() {
+        use super::v9_splits;
+        // 64 x 2 = 128 blocks cover 119 of 132 SMs: no split, no merge.
+        assert_eq!(v9_splits(64, 2, 1024, 132), (1, 1024));
+        assert_eq!(v9_splits(256, 2, 1024, 132), (1, 1024));
+        assert_eq!(v9_splits(64, 2, 4096, 132), (1, 4096));
+        // 8 x 8 = 64 blocks: 2 splits of 16384 (v3's plan: 4 of 8192).
+        assert_eq!(v9_splits(8, 8, 32768, 132), (2, 16384));
+        // Small batches split as far as the tiles allow, like v3's plan.
+        assert_eq!(v9_splits(1, 2, 1024, 132), (16, 64));
+        assert_eq!(v9_splits(8, 2, 512, 132), (8, 64));
+        assert_eq!(v9_splits(3, 2, 0, 132), (1, 64));
+        for (b, kv, ctx) in [
+            (8, 8, 32768),
+            (3, 2, 85),
+            (1, 1, 1),
+            (100, 2, 777),
+            (2, 2, 4097),
+        ] {
+            let (s, t) = v9_splits(b, kv, ctx, 132);
+            assert!(
+                s * t >= ctx && (s - 1) * t < ctx.max(1),
+                "{b} {kv} {ctx}: {s} x {t}"
+            );
+            assert_eq!(t % 64, 0);
+            // Never more blocks than needed to cover the SMs, unless a
+            // split is already one tile.
+            assert!(
+                s == 1 || t == 64 || b * kv * (s - 1) < 119,
+                "{b} {kv} {ctx}: {s}"
+            );
+        }
     }
 
     #[test]
@@ -879,6 +984,16 @@ mod tests {
             // The end-of-split merge reuses the ring for [4][16][D] f32.
             assert!(v3_smem_bytes(*d) >= 4 * 16 * d * 4);
             assert!(v3_smem_bytes(*d) <= 227 * 1024);
+            // v9's deep ring (Pa3Cfg::DEEP) fits one block beside the
+            // kernel's static shared memory (under 1 KiB).
+            let deep = super::v9_smem_bytes(*d);
+            assert!(
+                deep > v3_smem_bytes(*d) && deep + 1024 <= 227 * 1024,
+                "{d}: {deep}"
+            );
         }
+        assert_eq!(super::v9_smem_bytes(64), 4 * 8 * 2 * 16 * 72 * 2);
+        assert_eq!(super::v9_smem_bytes(128), 4 * 6 * 2 * 16 * 136 * 2);
+        assert_eq!(super::v9_smem_bytes(256), 4 * 3 * 2 * 16 * 264 * 2);
     }
 }

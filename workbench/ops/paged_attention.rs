@@ -72,6 +72,11 @@ const VARIANTS: &[Variant] = &[
         note: "v7 with the split kernel's end-of-split rows padded to head_dim + 8 floats (ncu: 6.2-way shared-memory bank conflicts in v5's finish at batch 64); one change against v7, timed alone",
         production: true,
     },
+    Variant {
+        name: "v9",
+        note: "v8's kernel with a deep cp.async ring (7 chunks in flight per warp at head_dim <= 96, 5 at 128) under a plan of the fewest splits that give nine in ten SMs a block: no split and no merge from batch x kv_heads >= 119 (v8 cuts batch 64 x 1024 of the 0.5B layout into 8 splits of 128 tokens); v8's ring where the deep one would not keep every block resident",
+        production: false,
+    },
 ];
 
 /// `large`: q and k near ±4 (scores in the tens: a sharply peaked softmax),
@@ -218,6 +223,12 @@ impl Op for PagedAttention {
                 .with("nan", 1)
                 .with("max_split", 64),
         );
+        // Batches that fill the card (v9's plans on an H100): 128 blocks,
+        // one split each with the deep ring; 400 blocks at head_dim 64 and
+        // 140 at 128, more than the deep ring keeps resident, so v8's ring.
+        v.push(case(64, 14, 2, 64, 16, 600, 1, Gen::Randn));
+        v.push(case(200, 14, 2, 64, 16, 300, 1, Gen::Randn));
+        v.push(case(70, 12, 2, 128, 16, 300, 1, Gen::Randn));
         // Long contexts.
         v.push(case(2, 12, 2, 128, 32, 4097, 1, Gen::Randn));
         v.push(case(1, 28, 4, 128, 16, 32768, 0, Gen::Randn));
