@@ -70,12 +70,12 @@ const VARIANTS: &[Variant] = &[
     Variant {
         name: "v8",
         note: "v7 with the split kernel's end-of-split rows padded to head_dim + 8 floats (ncu: 6.2-way shared-memory bank conflicts in v5's finish at batch 64); one change against v7, timed alone",
-        production: true,
+        production: false,
     },
     Variant {
         name: "v9",
         note: "v8's kernel with a deep cp.async ring (7 chunks in flight per warp at head_dim <= 96, 5 at 128) under a plan of the fewest splits that give nine in ten SMs a block: no split and no merge from batch x kv_heads >= 119 (v8 cuts batch 64 x 1024 of the 0.5B layout into 8 splits of 128 tokens); v8's ring where the deep one would not keep every block resident",
-        production: false,
+        production: true,
     },
 ];
 
