@@ -89,9 +89,29 @@ fn gpu_pdl_leaves_greedy_tokens_unchanged() {
         "decode steps must have replayed captured graphs"
     );
     assert_eq!(pdl, plain, "CUDA graphs: PDL on vs off");
+    // Eagerly, PDL on against off. Not eager against graphs: a graph runs
+    // the padded batch over the full table width, the eager step its real
+    // rows over the current width, and decode attention's split plan
+    // depends on both (v9 splits a sequence only as far as the batch
+    // leaves SMs idle), so the two modes may sum in a different order.
+    let (eager_plain, _, _) = run(&gpu, config(false, false, 0));
     let (eager, _, _) = run(&gpu, config(false, true, 0));
-    assert_eq!(eager, plain, "eager with PDL vs graphs without");
+    assert_eq!(eager, eager_plain, "eager: PDL on vs off");
+    // With the split size pinned (64 tokens, the engine's cap), both modes
+    // split at the same token boundaries: eager with PDL gives the tokens
+    // of graphs without it.
+    let pinned = |graphs, pdl| EngineConfig {
+        decode_split_tokens: 64,
+        ..config(graphs, pdl, 0)
+    };
+    let (graphs64, _, _) = run(&gpu, pinned(true, false));
+    let (eager64, _, _) = run(&gpu, pinned(false, true));
+    assert_eq!(
+        eager64, graphs64,
+        "split 64: eager with PDL vs graphs without"
+    );
     assert!(plain.iter().all(|c| c.len() == 48));
+    assert!(eager.iter().all(|c| c.len() == 48));
 }
 
 #[test]
