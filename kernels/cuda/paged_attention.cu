@@ -573,10 +573,15 @@ __device__ __forceinline__ unsigned pa3_smem_addr(const void* p) {
 }
 
 // 16-byte global -> shared copy, cached in L2 only (.cg: the stream is read
-// once). With `valid` false the source size is 0: nothing is read and the
-// 16 destination bytes are zero-filled.
+// once), with an L2 prefetch size of 128 bytes: a warp's copies cover whole
+// 128- or 256-byte cache rows, and the hint lets L2 fetch each from HBM in
+// one request instead of sector by sector. Timed alone on the H100 (same
+// machine, two binaries that differ only here): 1.8% faster at 256 x 2048
+// with the 7B layout, 3.1% at 64 x 4096 with 1.5B's (CHALLENGES #29).
+// With `valid` false the source size is 0: nothing is read and the 16
+// destination bytes are zero-filled.
 __device__ __forceinline__ void pa3_cp_async16(unsigned dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
