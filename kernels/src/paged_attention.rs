@@ -566,41 +566,45 @@ fn v3_plan<T: Storage>(
 ) -> Result<(cudarc::driver::CudaFunction, SplitLaunch)> {
     let sm_count = gpu.info().sm_count.max(1) as usize;
     let max_ctx = d.max_blocks_per_seq * d.block_size;
-    let (kernel, smem, plan) = if version == "v9" {
-        // The fewest splits; the deep ring where every block is resident
-        // with it and a warp has more chunks than v8's ring holds in flight,
-        // v8's ring (more blocks per SM) elsewhere. Short splits (batch 1:
-        // one chunk per warp) gain nothing from depth and timed 0.26 us
-        // slower with it on the H100 (5.89 against 5.63 us at 1 x 1024).
+    // (symbol, function, shared memory, blocks per SM) of one kernel.
+    let ring = |kernel: &str, smem: usize| -> Result<_> {
+        let symbol = format!("paged_attention_{kernel}{fused}_d{}", d.head_dim);
+        let (f, per_sm) = ring_function::<T>(gpu, &symbol, smem)?;
+        Ok((symbol, f, smem, per_sm))
+    };
+    let (symbol, f, smem, (splits, split_tokens)) = if version == "v9" {
+        // The fewest splits; the deep ring where a warp has more chunks
+        // than v8's ring holds in flight and every block stays resident
+        // with it, v8's ring (more blocks per SM) elsewhere. Short splits
+        // (batch 1: one chunk per warp) gain nothing from depth and timed
+        // 0.26 us slower with it on the H100 (5.89 against 5.63 us at 1 x
+        // 1024).
         let plan = cap_splits(
             v9_splits(d.batch, d.kv_heads, max_ctx, sm_count),
             max_ctx,
             d.max_split_tokens,
             V3_TILE,
         );
-        let deep = v9_smem_bytes(d.head_dim);
-        let v9 = format!("paged_attention_v9{fused}_d{}", d.head_dim);
-        let (_, deep_per_sm) = ring_function::<T>(gpu, &v9, deep)?;
-        let blocks = d.batch * d.kv_heads * plan.0;
         let v8_in_flight = (v3_stages(d.head_dim) - 1) * V3_TILE;
-        if blocks <= sm_count * deep_per_sm && plan.1 > v8_in_flight {
-            ("v9", deep, Some(plan))
-        } else {
-            ("v8", v3_smem_bytes(d.head_dim), Some(plan))
-        }
+        let deep = match plan.1 > v8_in_flight {
+            true => Some(ring("v9", v9_smem_bytes(d.head_dim))?),
+            false => None,
+        };
+        let blocks = d.batch * d.kv_heads * plan.0;
+        let (symbol, f, smem, _) = match deep {
+            Some(k) if blocks <= sm_count * k.3 => k,
+            _ => ring("v8", v3_smem_bytes(d.head_dim))?,
+        };
+        (symbol, f, smem, plan)
     } else {
-        (kernel_of(version), v3_smem_bytes(d.head_dim), None)
-    };
-    let symbol = format!("paged_attention_{kernel}{fused}_d{}", d.head_dim);
-    let (f, per_sm) = ring_function::<T>(gpu, &symbol, smem)?;
-    let (splits, split_tokens) = match plan {
-        Some(p) => p,
-        None => cap_splits(
-            v3_splits(d.batch, d.kv_heads, max_ctx, sm_count, per_sm),
-            max_ctx,
-            d.max_split_tokens,
-            V3_TILE,
-        ),
+        let (symbol, f, smem, per_sm) = ring(kernel_of(version), v3_smem_bytes(d.head_dim))?;
+        let plan = v3_splits(d.batch, d.kv_heads, max_ctx, sm_count, per_sm);
+        (
+            symbol,
+            f,
+            smem,
+            cap_splits(plan, max_ctx, d.max_split_tokens, V3_TILE),
+        )
     };
     // SAFETY (for launch_split): the callers checked that q (or qkv), out
     // and both caches are 16-byte aligned and head_dim a multiple of 16, so
