@@ -133,32 +133,27 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024).
-// `scratch` holds 32 floats of shared memory; every thread gets the total.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// Sum (MAX false) or max (MAX true) over the whole block (blockDim.x a
+// multiple of 32, at most 1024). `scratch` holds 32 floats of shared
+// memory; every thread gets the result. The max is exact in any order and
+// ignores NaN, as fmaxf does.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();  // scratch may still be read by a previous call
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float t = lane < warps ? scratch[lane] : 0.f;
-    return warp_sum(t);
+    const float t = lane < warps ? scratch[lane] : (MAX ? WB_NEG_INF : 0.f);
+    return MAX ? warp_max(t) : warp_sum(t);
 }
-
-// Max over the whole block, as block_sum (exact in any order; NaN is
-// ignored, as fmaxf does). `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce<false>(v, scratch);
+}
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float t = lane < warps ? scratch[lane] : WB_NEG_INF;
-    return warp_max(t);
+    return block_reduce<true>(v, scratch);
 }
 
 // Instantiate `extern "C"` entry points named NAME_bf16, NAME_f16 and NAME_f32
