@@ -1,8 +1,9 @@
 //! `paged_attention_fused_qkv` (v3f and v5f, kernels/cuda/paged_attention.cu;
-//! v7 is v5f with v7's merge, v8 v7 with padded rows),
+//! v7 is v5f with v7's merge, v8 v7 with padded rows, v9 v8 with a deep
+//! ring under its own split plan),
 //! the engine's decode attention straight from its q|k|v projection, must be
 //! bit-identical to the two launches it replaces: `qkv_rope_kv_store` (bias,
-//! RoPE, store of the new token) then `paged_attention` v3, v5, v7 or v8, each checked
+//! RoPE, store of the new token) then `paged_attention` v3, v5, v7, v8 or v9, each checked
 //! against its f64 CPU reference by `workbench check` and the GPU
 //! proptests. Same output bits and same cache bits, over ragged contexts
 //! around the block edges, long ones that split, a split cap, block sizes

@@ -54,15 +54,18 @@ fn v3_stages(head_dim: usize) -> usize {
     }
 }
 
-/// v9's deep-ring kernel: its stages per warp (Pa3Cfg::DEEP) and dynamic
-/// shared memory.
+/// v9's deep-ring kernel's dynamic shared memory.
 fn v9_smem_bytes(head_dim: usize) -> usize {
-    let stages = match head_dim {
+    ring_smem_bytes(head_dim, v9_stages(head_dim))
+}
+
+/// v9's deep-ring kernel's stages per warp (Pa3Cfg::DEEP).
+fn v9_stages(head_dim: usize) -> usize {
+    match head_dim {
         0..=96 => 8,
         97..=128 => 6,
         _ => 3,
-    };
-    ring_smem_bytes(head_dim, stages)
+    }
 }
 
 /// Bytes of a v3-family ring: 4 warps x `stages` x (K and V) x 16 tokens x
@@ -211,17 +214,15 @@ pub fn paged_attention<T: Storage>(
     match variant {
         "v1" => {}
         "v2" => return launch_v2(gpu, out, q, k_cache, v_cache, block_tables, context_lens, d),
-        // v8/v7/v5 where they take the case, v3 (with its own fallbacks) elsewhere.
-        "v3" | "v5" | "v7" | "v8" | "v9" => {
-            let v = v3_family::<T>(variant, &d);
+        other => {
+            let Some(v) = v3_family::<T>(other, &d) else {
+                return Err(KernelError::Unsupported {
+                    op: OP,
+                    what: format!("variant `{other}` (known: {})", VARIANTS.join(", ")),
+                });
+            };
             let (o, tb, cl) = (out, block_tables, context_lens);
             return launch_v3(gpu, o, q, k_cache, v_cache, tb, cl, d, v);
-        }
-        other => {
-            return Err(KernelError::Unsupported {
-                op: OP,
-                what: format!("variant `{other}` (known: {})", VARIANTS.join(", ")),
-            })
         }
     }
     let f = typed_function::<T>(gpu, "paged_attention", "paged_attention_v1")?;
@@ -682,17 +683,16 @@ fn v5_takes<T: Storage>(d: &PagedAttentionDims) -> bool {
         && d.scale > 0.0
 }
 
-/// The v3-family variant that runs `variant` ("v3", "v5", "v7", "v8" or "v9") on
-/// this case: v9, v8, v7 and v5 where v5's kernel takes it, v3 (with its own
-/// fallbacks) elsewhere.
-fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> &'static str {
-    match variant {
-        "v7" if v5_takes::<T>(d) => "v7",
-        "v8" if v5_takes::<T>(d) => "v8",
-        "v9" if v5_takes::<T>(d) => "v9",
-        "v5" if v5_takes::<T>(d) => "v5",
-        _ => "v3",
-    }
+/// The variants on v3's path (its grid, ring and merge): v3, and v5's kernel
+/// and its descendants.
+const V3_FAMILY: &[&str] = &["v3", "v5", "v7", "v8", "v9"];
+
+/// The v3-family variant that runs `variant` on this case: the variant
+/// itself where v5's kernel takes the case, v3 (with its own fallbacks)
+/// elsewhere; None for a variant outside [`V3_FAMILY`].
+fn v3_family<T: Storage>(variant: &str, d: &PagedAttentionDims) -> Option<&'static str> {
+    let v = *V3_FAMILY.iter().find(|v| **v == variant)?;
+    Some(if v5_takes::<T>(d) { v } else { "v3" })
 }
 
 /// The split kernel of a v3-family variant: v7 is v5's kernel with
@@ -836,15 +836,10 @@ pub fn paged_attention_fused_qkv<T: Storage>(
             what: "a buffer that is not 16-byte aligned (a view at an odd offset)".into(),
         });
     }
-    let v = match variant {
-        "v3" | "v5" | "v7" | "v8" | "v9" => v3_family::<T>(variant, &d),
-        other => {
-            return Err(KernelError::Unsupported {
-                op: F,
-                what: format!("variant `{other}` (fused: v3, v5, v7, v8, v9)"),
-            })
-        }
-    };
+    let v = v3_family::<T>(variant, &d).ok_or_else(|| KernelError::Unsupported {
+        op: F,
+        what: format!("variant `{variant}` (fused: {})", V3_FAMILY.join(", ")),
+    })?;
     let (f, launch) = v3_plan::<T>(gpu, v, "f", d)?;
     let inputs = Inputs::Fused { a, rope };
     launch_split(gpu, &f, launch, out, inputs, block_tables, context_lens, d)
@@ -869,29 +864,31 @@ mod tests {
             max_split_tokens: 0,
         };
         type B = half::bf16;
-        assert_eq!(v3_family::<B>("v7", &d), "v7");
+        assert_eq!(v3_family::<B>("v7", &d), Some("v7"));
         assert_eq!(kernel_of("v7"), "v5");
-        assert_eq!(v3_family::<B>("v5", &d), "v5");
-        assert_eq!(v3_family::<B>("v3", &d), "v3");
+        assert_eq!(v3_family::<B>("v5", &d), Some("v5"));
+        assert_eq!(v3_family::<B>("v3", &d), Some("v3"));
         // Block size 24 (not a power of two), f32 storage, a negative scale:
         // v5's kernel refuses, so v7 and v5 run v3 (old merge).
         let odd = PagedAttentionDims {
             block_size: 24,
             ..d
         };
-        assert_eq!(v3_family::<B>("v7", &odd), "v3");
-        assert_eq!(v3_family::<f32>("v7", &d), "v3");
+        assert_eq!(v3_family::<B>("v7", &odd), Some("v3"));
+        assert_eq!(v3_family::<f32>("v7", &d), Some("v3"));
         let neg = PagedAttentionDims { scale: -0.125, ..d };
-        assert_eq!(v3_family::<B>("v7", &neg), "v3");
+        assert_eq!(v3_family::<B>("v7", &neg), Some("v3"));
         assert_eq!(kernel_of("v3"), "v3");
-        assert_eq!(v3_family::<B>("v8", &d), "v8");
+        assert_eq!(v3_family::<B>("v8", &d), Some("v8"));
         assert_eq!(kernel_of("v8"), "v8");
-        assert_eq!(v3_family::<B>("v8", &odd), "v3");
-        assert_eq!(v3_family::<B>("v9", &d), "v9");
+        assert_eq!(v3_family::<B>("v8", &odd), Some("v3"));
+        assert_eq!(v3_family::<B>("v9", &d), Some("v9"));
         assert_eq!(kernel_of("v9"), "v9");
-        assert_eq!(v3_family::<B>("v9", &odd), "v3");
-        assert_eq!(v3_family::<f32>("v9", &d), "v3");
+        assert_eq!(v3_family::<B>("v9", &odd), Some("v3"));
+        assert_eq!(v3_family::<f32>("v9", &d), Some("v3"));
         assert!(super::uses_merge2("v9") && !super::uses_merge2("v5"));
+        // v1 and v2 have their own paths.
+        assert_eq!(v3_family::<B>("v2", &d), None);
     }
 
     #[test]
