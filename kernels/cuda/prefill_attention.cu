@@ -1101,7 +1101,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 }
 #endif
 
-// prefill_attention_{v5,v6,v7}_d{D}_{bf16,f16}: sm_90a only (the host launches them
+// prefill_attention_{v5,v6,v7,v8}_d{D}_{bf16,f16}: sm_90a only (the host launches them
 // nowhere else; on other targets the body traps).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define PF5_BODY(T, D, BN, OVL, PP)                                                                 \
@@ -1111,8 +1111,10 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
 #else
 #define PF5_BODY(T, D, BN, OVL, PP) __trap();
 #endif
-#define PF5_ENTRY(V, T, S, D, BN, OVL, PP)                                                            \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                            \
+// MINB: blocks per SM the registers are budgeted for (v8's 2: at most 128
+// registers a thread, so two blocks of 8 warps share an SM).
+#define PF5_ENTRY(V, T, S, D, BN, OVL, PP, MINB)                                                      \
+    extern "C" __global__ void __launch_bounds__(256, MINB)                                         \
         prefill_attention_##V##_d##D##_##S(T* out, const T* q, const T* k_cache, const T* v_cache,     \
                                          const int* cu_seqlens_q, const int* kv_lens,               \
                                          const int* block_tables, float scale, int total_q,         \
@@ -1120,12 +1122,13 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
                                          int max_blocks_per_seq, int num_blocks) {                  \
         PF5_BODY(T, D, BN, OVL, PP)                                                                 \
     }
-#define PF5_ENTRIES(T, S)                        \
-    PF5_ENTRY(v5, T, S, 64, 128, false, false)   \
-    PF5_ENTRY(v5, T, S, 128, 128, false, false)  \
-    PF5_ENTRY(v6, T, S, 128, 128, true, false)   \
-    PF5_ENTRY(v7, T, S, 64, 128, false, true)    \
-    PF5_ENTRY(v7, T, S, 128, 128, false, true)
+#define PF5_ENTRIES(T, S)                           \
+    PF5_ENTRY(v5, T, S, 64, 128, false, false, 1)   \
+    PF5_ENTRY(v5, T, S, 128, 128, false, false, 1)  \
+    PF5_ENTRY(v6, T, S, 128, 128, true, false, 1)   \
+    PF5_ENTRY(v7, T, S, 64, 128, false, true, 1)    \
+    PF5_ENTRY(v7, T, S, 128, 128, false, true, 1)   \
+    PF5_ENTRY(v8, T, S, 64, 64, false, true, 2)
 PF5_ENTRIES(__nv_bfloat16, bf16)
 PF5_ENTRIES(__half, f16)
 

@@ -3,8 +3,8 @@
 # accumulator register named, so the operand lists are generated, not typed.
 #   python3 kernels/tools/gen_wgmma.py > kernels/cuda/wgmma.cuh
 # (N, what prefill_attention.cu uses at that N): ss for S = Q K^T over
-# 128-key tiles, rs_tb for O += P V over head dims 64 and 128.
-NS = ((64, ("rs_tb",)), (128, ("ss", "rs_tb")))
+# 64-key (v8) and 128-key tiles, rs_tb for O += P V over head dims 64 and 128.
+NS = ((64, ("ss", "rs_tb")), (128, ("ss", "rs_tb")))
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 
 def acc_list(n):
