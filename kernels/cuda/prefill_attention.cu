@@ -688,6 +688,15 @@ __device__ __forceinline__ void pf_fence_async_shared() {
 // issued before O += P V of tile j, and the softmax of tile j+1 runs while
 // the tensor cores do that P V; three K/V stages (tile j read by P V, j+1 by
 // S, j+2 landing), one barrier a tile.
+// v8 is v5's schedule at head dim 64 on 64-key tiles (S is 64 x 64 a
+// warpgroup: 32 accumulators, P 16 registers, O 32), compiled for two blocks
+// an SM (at most 128 registers a thread), so 4 warpgroups share an SM and
+// one block's barriers and softmax run beside the other's MMAs. v7's
+// head-dim-64 kernel holds 254 registers: one block of 8 warps an SM, its
+// issue slots 45% busy (ncu). On the H100 (2026-11-26) v8 ran 1.16-1.26x
+// v7 there; v7's ping-pong on the same 64-key tiles was 2-3% slower than
+// v5's schedule, and the 64-key tiles at one block an SM 0.80-0.85x v7
+// (CHALLENGES #30).
 // PP (v7): ping-pong between the two warpgroups without a producer warp.
 // Warpgroup 0 runs each tile as v5 does (S, softmax, P V); warpgroup 1 runs
 // half a tile behind: after the barrier of tile j it first does the softmax
@@ -1128,7 +1137,7 @@ __device__ void prefill_attention_wg_impl(T* __restrict__ out, const T* __restri
     PF5_ENTRY(v6, T, S, 128, 128, true, false, 1)   \
     PF5_ENTRY(v7, T, S, 64, 128, false, true, 1)    \
     PF5_ENTRY(v7, T, S, 128, 128, false, true, 1)   \
-    PF5_ENTRY(v8, T, S, 64, 64, false, true, 2)
+    PF5_ENTRY(v8, T, S, 64, 64, false, false, 2)
 PF5_ENTRIES(__nv_bfloat16, bf16)
 PF5_ENTRIES(__half, f16)
 

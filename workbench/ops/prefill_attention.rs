@@ -80,12 +80,12 @@ Variant {
 Variant {
     name: "v7",
     note: "v5's tiles (128-key tiles, head dims 64 and 128) with the two warpgroups in ping-pong without a producer warp: warpgroup 1 runs half a tile behind (after the barrier of tile j it does the softmax and P V of tile j-1, then S of tile j), so one warpgroup's exponentials run beside the other's MMAs; three K/V stages, one barrier a tile; same fallbacks as v5; on the H100 (2026-11-26 14:24) 326-369 TFLOP/s at head dim 128, 1.08-1.17x SDPA flash (FlashAttention-2), 1.07-1.09x v6, 1.29-1.33x v3; at head dim 64 1.02x v3 at 4 x 4096 (0.93x FA2), 0.97x at 16 x 1024",
-    production: true,
+    production: false,
 },
 Variant {
     name: "v8",
-    note: "v7 at head dim 64 on 64-key tiles with registers capped at 128 a thread, so two blocks (4 warpgroups, 16 warps) share an SM where v7's 254-register kernel fits one; three K/V stages of 64 keys (66 KB a block); head dim 128 runs v7's kernel, same fallbacks as v5",
-    production: false,
+    note: "v5's schedule at head dim 64 on 64-key tiles, registers capped at 128 a thread so two blocks (4 warpgroups, 16 warps) share an SM where v7's 254-register kernel fits one; two K/V stages (50 KB a block); head dim 128 runs v7's kernel, same fallbacks as v5; on the H100 (2026-11-26 20:55, A/B) 279 TFLOP/s at 4 x 4096 and 215 at 16 x 1024, 1.16-1.26x v7",
+    production: true,
 }];
 
 /// bf16 and f16 only: the kernel runs on tensor cores (f32 storage is
