@@ -119,6 +119,13 @@ fn bad_input_is_exit_2_before_any_gpu_work() {
             .code(),
         Some(2)
     );
+    // An attention variant the engine does not have: clap names the known ones.
+    for (flag, known) in [("--decode-attention", "v9"), ("--prefill-attention", "v8")] {
+        let o = workbench(&["e2e", flag, "v0"]);
+        assert_eq!(o.status.code(), Some(2), "{flag} v0");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("v0") && err.contains(known), "{flag}: {err}");
+    }
 }
 
 /// With no GPU visible (CI has no driver at all; a GPU host hides its devices

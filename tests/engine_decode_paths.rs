@@ -29,6 +29,7 @@ fn config(cuda_graphs: bool, pdl: bool, split_k: usize) -> EngineConfig {
         decode_split_tokens: 0,
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
+        prefill_attention: kernels::prefill_attention::PRODUCTION,
         gemm: Default::default(),
         pdl,
         split_k,

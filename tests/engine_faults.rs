@@ -50,6 +50,7 @@ fn config(num_blocks: usize) -> EngineConfig {
         decode_split_tokens: 0,
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
+        prefill_attention: kernels::prefill_attention::PRODUCTION,
         gemm: Default::default(),
         pdl: false,
         split_k: 0,

@@ -357,6 +357,7 @@ fn gpu_batched_engine_greedy_is_batch_and_preemption_invariant() {
         decode_split_tokens: 16,
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
+        prefill_attention: kernels::prefill_attention::PRODUCTION,
         gemm: Default::default(),
         pdl: false,
         split_k: 0,

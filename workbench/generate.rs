@@ -766,6 +766,7 @@ pub fn engine_config(
         decode_split_tokens: 0,
         fused_decode_qkv: true,
         decode_attention: kernels::paged_attention::PRODUCTION,
+        prefill_attention: kernels::prefill_attention::PRODUCTION,
         gemm: Default::default(),
         pdl: false,
         split_k: crate::engine::runner::DEFAULT_SPLIT_K,

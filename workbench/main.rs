@@ -94,6 +94,10 @@ struct E2eArgs {
     #[arg(long, default_value = kernels::paged_attention::PRODUCTION,
           value_parser = clap::builder::PossibleValuesParser::new(kernels::paged_attention::VARIANTS))]
     decode_attention: String,
+    /// The prefill_attention variant prefill runs (A/B runs; default: production).
+    #[arg(long, default_value = kernels::prefill_attention::PRODUCTION,
+          value_parser = clap::builder::PossibleValuesParser::new(kernels::prefill_attention::VARIANTS))]
+    prefill_attention: String,
     /// Launch every kernel of a decode step eagerly (no CUDA graphs).
     #[arg(long)]
     eager: bool,
@@ -696,6 +700,11 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
             .find(|v| **v == a.decode_attention)
             .copied()
             .unwrap_or(kernels::paged_attention::PRODUCTION),
+        prefill_attention: kernels::prefill_attention::VARIANTS
+            .iter()
+            .find(|v| **v == a.prefill_attention)
+            .copied()
+            .unwrap_or(kernels::prefill_attention::PRODUCTION),
         gemm: a.gemm,
         pdl: a.pdl,
         split_k: a.split_k,
@@ -755,6 +764,20 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         } else {
             "eager"
         },
+    );
+    // The kernel the variant runs at this model's head dim (v8 falls back to
+    // v7's at head dim 128, and every wgmma variant to mma.sync off sm_90a).
+    let prefill_kernel = kernels::prefill_attention::kernel_for(
+        ec.prefill_attention,
+        cfg.head_dim,
+        workbench::engine::model::BLOCK_SIZE,
+        gpu.info().arch == kernels::prefill_attention::V5_ARCH,
+    )
+    .map(|k| format!("{}'s kernel", k.name))
+    .unwrap_or_else(|e| e.to_string());
+    println!(
+        "prefill path: prefill_attention {} (head_dim {}: {})",
+        ec.prefill_attention, cfg.head_dim, prefill_kernel
     );
     // The floor's ceilings, measured before the engine takes the card's
     // memory (as `roofline` measures them): measured after the run, the

@@ -207,6 +207,8 @@ pub struct GpuModel<T> {
     pub fused_decode_qkv: bool,
     /// The paged_attention variant decode runs (default: the production one).
     pub decode_attention: &'static str,
+    /// The prefill_attention variant prefill runs (default: the production one).
+    pub prefill_attention: &'static str,
     /// The linear layers' GEMM path (see [`GemmBackend`]); set with
     /// [`GpuModel::set_gemm`]. Declared after `graphs`, so it is dropped
     /// after the graphs that captured its workspace.
@@ -517,6 +519,7 @@ where
             decode_split_tokens: 0,
             fused_decode_qkv: true,
             decode_attention: kernels::paged_attention::PRODUCTION,
+            prefill_attention: kernels::prefill_attention::PRODUCTION,
             prefill_kernel: T::DTYPE != kernels::DType::F32
                 && kernels::prefill_attention::HEAD_DIMS
                     .iter()
@@ -969,6 +972,7 @@ where
         let vocab = c.vocab_size;
         let split_cap = self.decode_split_tokens;
         let attn_variant = self.decode_attention;
+        let prefill_variant = self.prefill_attention;
         let fuse_qkv = self.fused_decode_qkv
             && kernels::paged_attention::fused_qkv_supported(T::DTYPE, c.head_dim);
         // Split-K o_proj / down (decode rows only: the partials hold max_seqs
@@ -1109,7 +1113,7 @@ where
                         max_blocks_per_seq: mbps,
                         scale: 1.0 / (d as f32).sqrt(),
                     },
-                    kernels::prefill_attention::PRODUCTION,
+                    prefill_variant,
                 )?;
             } else if fused {
                 mark(DECODE_ATTENTION)?;

@@ -74,6 +74,8 @@ pub struct EngineConfig {
     pub fused_decode_qkv: bool,
     /// The paged_attention variant of decode (`kernels::paged_attention::VARIANTS`).
     pub decode_attention: &'static str,
+    /// The prefill_attention variant of prefill (`kernels::prefill_attention::VARIANTS`).
+    pub prefill_attention: &'static str,
     /// The linear layers' GEMM path.
     pub gemm: GemmBackend,
     /// Launch the kernels that support it with programmatic dependent
@@ -104,6 +106,7 @@ impl Default for EngineConfig {
             decode_split_tokens: 0,
             fused_decode_qkv: true,
             decode_attention: kernels::paged_attention::PRODUCTION,
+            prefill_attention: kernels::prefill_attention::PRODUCTION,
             gemm: GemmBackend::default(),
             pdl: false,
             split_k: DEFAULT_SPLIT_K,
@@ -225,6 +228,7 @@ where
         model.decode_split_tokens = ec.decode_split_tokens;
         model.fused_decode_qkv = ec.fused_decode_qkv;
         model.decode_attention = ec.decode_attention;
+        model.prefill_attention = ec.prefill_attention;
         model.set_gemm(gpu, ec.gemm)?;
         gpu.set_pdl(ec.pdl);
         model.set_split_k(gpu, ec.split_k)?;
