@@ -639,6 +639,12 @@ fn render_roofline(
     })
 }
 
+/// The `'static` entry of `list` equal to `v` (clap has already checked
+/// that `v` is one of them), else `default`.
+fn listed(list: &'static [&'static str], v: &str, default: &'static str) -> &'static str {
+    list.iter().find(|x| **x == v).copied().unwrap_or(default)
+}
+
 fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
     use workbench::engine::weights::Checkpoint;
     use workbench::engine::{config::Qwen2Config, hub, model::WeightSource, runner::EngineConfig};
@@ -695,16 +701,16 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
         cuda_graphs: !a.eager,
         decode_split_tokens: a.decode_split_tokens,
         fused_decode_qkv: !a.unfused_decode_qkv,
-        decode_attention: kernels::paged_attention::VARIANTS
-            .iter()
-            .find(|v| **v == a.decode_attention)
-            .copied()
-            .unwrap_or(kernels::paged_attention::PRODUCTION),
-        prefill_attention: kernels::prefill_attention::VARIANTS
-            .iter()
-            .find(|v| **v == a.prefill_attention)
-            .copied()
-            .unwrap_or(kernels::prefill_attention::PRODUCTION),
+        decode_attention: listed(
+            kernels::paged_attention::VARIANTS,
+            &a.decode_attention,
+            kernels::paged_attention::PRODUCTION,
+        ),
+        prefill_attention: listed(
+            kernels::prefill_attention::VARIANTS,
+            &a.prefill_attention,
+            kernels::prefill_attention::PRODUCTION,
+        ),
         gemm: a.gemm,
         pdl: a.pdl,
         split_k: a.split_k,
@@ -767,11 +773,11 @@ fn e2e_cmd(a: E2eArgs) -> Result<ExitCode, Setup> {
     );
     // The kernel the variant runs at this model's head dim (v8 falls back to
     // v7's at head dim 128, and every wgmma variant to mma.sync off sm_90a).
-    let prefill_kernel = kernels::prefill_attention::kernel_for(
+    let prefill_kernel = kernels::prefill_attention::kernel_on(
+        &gpu,
         ec.prefill_attention,
         cfg.head_dim,
         workbench::engine::model::BLOCK_SIZE,
-        gpu.info().arch == kernels::prefill_attention::V5_ARCH,
     )
     .map(|k| format!("{}'s kernel", k.name))
     .unwrap_or_else(|e| e.to_string());

@@ -92,8 +92,8 @@ pub struct PfKernel {
 }
 
 impl PfKernel {
-    /// Dynamic shared memory of one block for `head_dim`: v5's and v6's tiles
-    /// are unpadded (Q, K and V tiles per stage, flags, 1 KB to align them); the
+    /// Dynamic shared memory of one block for `head_dim`: the wgmma variants'
+    /// (v5-v8) tiles are unpadded (Q, K and V tiles per stage, flags, 1 KB to align them); the
     /// others' rows carry 8 elements of padding ([`shared_bytes`]).
     pub fn shared_bytes(&self, head_dim: usize) -> usize {
         if WGMMA_VARIANTS.contains(&self.name) {
@@ -263,12 +263,7 @@ pub fn prefill_attention<T: Storage>(
             0,
         ));
     }
-    let kernel = kernel_for(
-        variant,
-        d.head_dim,
-        d.block_size,
-        gpu.info().arch == V5_ARCH,
-    )?;
+    let kernel = kernel_on(gpu, variant, d.head_dim, d.block_size)?;
     let smem = kernel.shared_bytes(d.head_dim);
     let f = typed_function::<T>(
         gpu,
@@ -329,10 +324,17 @@ pub fn prefill_attention<T: Storage>(
     Ok(())
 }
 
+/// The compiled kernel a (variant, head_dim, block_size) runs on `gpu`: the
+/// launcher's choice, for callers that report it (the e2e header).
+pub fn kernel_on(gpu: &Gpu, variant: &str, head_dim: usize, block_size: usize) -> Result<PfKernel> {
+    kernel_for(variant, head_dim, block_size, gpu.info().arch == V5_ARCH)
+}
+
 /// The compiled kernel a (variant, head_dim, block_size) runs on a GPU with
 /// (`hopper`) or without sm_90a's wgmma. A shape a variant has no kernel for
 /// runs the variant it builds on: v5 needs sm_90a, a power-of-two block size
-/// and head dim 64/128 (else v3's choice); v3 a power-of-two block size and
+/// and head dim 64/128 (else v3's choice), v6-v8 the same (v6 and v8 have
+/// one head dim each: v6's other runs v3's choice, v8's runs v7); v3 a power-of-two block size and
 /// head dim 64/96/128 (else v2, else v1), v4 the same (else v1), v2 head dim
 /// 64/96/128 (else v1). Unknown head dims are Unsupported.
 pub fn kernel_for(
