@@ -93,8 +93,9 @@ pub struct PfKernel {
 
 impl PfKernel {
     /// Dynamic shared memory of one block for `head_dim`: the wgmma variants'
-    /// (v5-v8) tiles are unpadded (Q, K and V tiles per stage, flags, 1 KB to align them); the
-    /// others' rows carry 8 elements of padding ([`shared_bytes`]).
+    /// (v5-v8) tiles are unpadded (Q, K and V tiles per stage, flags, 1 KB to
+    /// align them); the others' rows carry 8 elements of padding
+    /// ([`shared_bytes`]).
     pub fn shared_bytes(&self, head_dim: usize) -> usize {
         if WGMMA_VARIANTS.contains(&self.name) {
             // + 1 KB: the kernel aligns its swizzled tiles to 1024 bytes.
@@ -334,9 +335,10 @@ pub fn kernel_on(gpu: &Gpu, variant: &str, head_dim: usize, block_size: usize) -
 /// (`hopper`) or without sm_90a's wgmma. A shape a variant has no kernel for
 /// runs the variant it builds on: v5 needs sm_90a, a power-of-two block size
 /// and head dim 64/128 (else v3's choice), v6-v8 the same (v6 and v8 have
-/// one head dim each: v6's other runs v3's choice, v8's runs v7); v3 a power-of-two block size and
-/// head dim 64/96/128 (else v2, else v1), v4 the same (else v1), v2 head dim
-/// 64/96/128 (else v1). Unknown head dims are Unsupported.
+/// one head dim each: v6's other runs v3's choice, v8's runs v7); v3 a
+/// power-of-two block size and head dim 64/96/128 (else v2, else v1), v4 the
+/// same (else v1), v2 head dim 64/96/128 (else v1). Unknown head dims are
+/// Unsupported.
 pub fn kernel_for(
     variant: &str,
     head_dim: usize,
